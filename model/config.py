@@ -1,0 +1,114 @@
+"""Configs for LocCa models, one dataclass per concern, validated on construction.
+
+Named sizes live in one table, `SIZES`. The encoder dimensions are the standard ViT ones
+(Dosovitskiy et al., ICLR 2021, Table 1; Zhai et al., "Scaling ViTs", for S). LocCa (Wan et al.,
+NeurIPS 2024) pretrains ViT-B/16 and ViT-L/14 at 224 px with a 32,000-token SentencePiece
+vocabulary and a transformer decoder taken from CapPa (Tschannen et al., NeurIPS 2023): 6 layers
+with the encoder's width, heads and MLP size (big_vision `configs/proj/cappa/pretrain.py`:
+`decoder_num_layers = 6`, the other decoder dims "0 = same as the encoder"; 64 text tokens).
+`tiny` is ours: the CPU default of this project, trained on the shapes world.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+POSEMB_TYPES = ("learned", "sincos2d")
+LOC_ORDERS = ("yxyx", "xyxy")  # yxyx = y0 x0 y1 x1 (PaliGemma, the spec's default)
+LOC_ROUNDINGS = ("floor", "round")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image_size: int = 224          # square input side, pixels
+    patch_size: int = 16
+    enc_width: int = 768           # D, encoder width
+    enc_depth: int = 12
+    enc_heads: int = 12
+    enc_mlp: int = 3072
+    enc_posemb: str = "learned"    # "learned" or "sincos2d" (fixed 2-D sin-cos, MAE / big_vision)
+    dec_width: int = 768           # E, decoder width
+    dec_depth: int = 6
+    dec_heads: int = 12
+    dec_mlp: int = 3072
+    max_seq_len: int = 64          # decoder positions: prompt + generated tokens
+    vocab_size: int = 33_054       # set from the tokenizer when a model is built for it
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        _positive(self, "image_size", "patch_size", "enc_width", "enc_depth", "enc_heads", "enc_mlp",
+                  "dec_width", "dec_depth", "dec_heads", "dec_mlp", "max_seq_len", "vocab_size")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        for w, h, name in ((self.enc_width, self.enc_heads, "enc"), (self.dec_width, self.dec_heads, "dec")):
+            if w % h:
+                raise ValueError(f"{name}_width {w} is not divisible by {name}_heads {h}")
+        if self.enc_posemb not in POSEMB_TYPES:
+            raise ValueError(f"enc_posemb must be one of {POSEMB_TYPES}, got {self.enc_posemb!r}")
+        if self.enc_posemb == "sincos2d" and self.enc_width % 4:
+            raise ValueError("sincos2d position embeddings need enc_width divisible by 4")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 2
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class BoxConfig:
+    """How a box becomes location tokens (see model/codec.py, the only code that uses it)."""
+    bins: int = 1024               # number of location tokens <loc0000>..<loc{bins-1}>
+    order: str = "yxyx"
+    rounding: str = "floor"        # floor: bin k covers [k/bins, (k+1)/bins), decodes to its centre
+
+    def __post_init__(self):
+        if not 2 <= self.bins <= 4096:
+            raise ValueError(f"bins must be in [2, 4096], got {self.bins}")
+        if self.order not in LOC_ORDERS:
+            raise ValueError(f"order must be one of {LOC_ORDERS}, got {self.order!r}")
+        if self.rounding not in LOC_ROUNDINGS:
+            raise ValueError(f"rounding must be one of {LOC_ROUNDINGS}, got {self.rounding!r}")
+
+
+def _positive(cfg, *names):
+    for n in names:
+        v = getattr(cfg, n)
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{n} must be a positive integer, got {v!r}")
+
+
+# Named sizes. vocab_size is a placeholder overwritten by the tokenizer the model is built for
+# (32,000 text pieces + 1024 location tokens + specials for the paper's sizes).
+SIZES: dict[str, ModelConfig] = {
+    # ours: ~4 M parameters, CPU-trainable on the shapes world
+    "tiny": ModelConfig(image_size=128, patch_size=16, enc_width=192, enc_depth=4, enc_heads=3, enc_mlp=768,
+                        enc_posemb="sincos2d", dec_width=192, dec_depth=3, dec_heads=3, dec_mlp=768,
+                        max_seq_len=48, vocab_size=1100),
+    "S/16": ModelConfig(enc_width=384, enc_depth=12, enc_heads=6, enc_mlp=1536,
+                        dec_width=384, dec_depth=6, dec_heads=6, dec_mlp=1536),
+    "B/16": ModelConfig(enc_width=768, enc_depth=12, enc_heads=12, enc_mlp=3072,
+                        dec_width=768, dec_depth=6, dec_heads=12, dec_mlp=3072),
+    "L/14": ModelConfig(patch_size=14, enc_width=1024, enc_depth=24, enc_heads=16, enc_mlp=4096,
+                        dec_width=1024, dec_depth=6, dec_heads=16, dec_mlp=4096),
+}
+# Parameter counts of the paper's encoders, for the README table (ViT paper, Table 1; S from
+# "How to train your ViT" / big_vision): 22 M, 86 M, 304 M.
+PAPER_ENCODER_PARAMS = {"S/16": 22e6, "B/16": 86e6, "L/14": 304e6}
+
+
+def get_size(name: str, **overrides) -> ModelConfig:
+    if name not in SIZES:
+        raise KeyError(f"unknown model size {name!r}; choose one of {', '.join(SIZES)}")
+    return SIZES[name].replace(**overrides) if overrides else SIZES[name]
+
+
+__all__ = ["ModelConfig", "BoxConfig", "SIZES", "get_size", "PAPER_ENCODER_PARAMS"]

@@ -1,0 +1,207 @@
+"""LocCa: a ViT encoder and a transformer decoder that reads captions and boxes out of its visual tokens.
+
+Wan et al., "LocCa: Visual Pretraining with Location-aware Captioners", NeurIPS 2024. The encoder runs once
+per image; the decoder cross-attends to its tokens. Boxes are location tokens of the decoder's vocabulary,
+so captioning (Cap), referring (ARef) and grounded captioning (GCap) are all next-token prediction.
+
+Modules only: tokenisation, losses and search live elsewhere (model/tasks.py, model/train.py,
+model/decoding.py). The self-attention KV cache is explicit tensors passed in and returned, so the same
+`decode_step` exports to ONNX and runs under ONNX Runtime and TensorRT.
+
+Dimension letters:
+    B batch            N visual tokens (grid**2)     D encoder width      E decoder width
+    H heads            Dh head dim (E // H)          L decoder layers     T tokens in this call
+    S cache slots (max sequence length)              V vocabulary size    K targets per image
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+def sincos_2d(grid: int, width: int) -> Tensor:
+    """Fixed 2-D sin-cos position embeddings (MAE; big_vision `posemb_sincos_2d`): (grid*grid, width)."""
+    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                          indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float32) / (width // 4 - 1 or 1))
+    y = y.flatten()[:, None] * omega[None]
+    x = x.flatten()[:, None] * omega[None]
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    B, T, C = x.shape
+    return x.view(B, T, heads, C // heads).transpose(1, 2)  # (B, H, T, Dh)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    B, H, T, Dh = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * Dh)  # (B, T, E)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-LN ViT block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width: int, heads: int, mlp: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.mlp = MLP(width, mlp)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)  # 3 x (B, N, D)
+        a = F.scaled_dot_product_attention(*(split_heads(t, self.heads) for t in (q, k, v)))
+        x = x + self.proj(merge_heads(a))
+        return x + self.mlp(self.ln2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.patch = nn.Conv2d(3, cfg.enc_width, cfg.patch_size, stride=cfg.patch_size)
+        if cfg.enc_posemb == "learned":
+            self.pos = nn.Parameter(torch.randn(cfg.num_patches, cfg.enc_width) * 0.02)
+        else:
+            self.register_buffer("pos", sincos_2d(cfg.grid, cfg.enc_width), persistent=False)
+        self.blocks = nn.ModuleList(EncoderBlock(cfg.enc_width, cfg.enc_heads, cfg.enc_mlp)
+                                    for _ in range(cfg.enc_depth))
+        self.ln = nn.LayerNorm(cfg.enc_width)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        x = self.patch(pixels).flatten(2).transpose(1, 2)  # (B, 3, H, W) -> (B, N, D)
+        x = x + self.pos.to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln(x)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN decoder block: causal self-attention, cross-attention to the visual tokens, MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, self.heads = cfg.dec_width, cfg.dec_heads
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(E), nn.LayerNorm(E), nn.LayerNorm(E)
+        self.qkv = nn.Linear(E, 3 * E)
+        self.proj = nn.Linear(E, E)
+        self.cross_q = nn.Linear(E, E)
+        self.cross_kv = nn.Linear(cfg.enc_width, 2 * E)  # applied once per image, see LocCa.cross_kv
+        self.cross_proj = nn.Linear(E, E)
+        self.mlp = MLP(E, cfg.dec_mlp)
+
+    def forward(self, x: Tensor, cross_k: Tensor, cross_v: Tensor, cache_k: Tensor | None = None,
+                cache_v: Tensor | None = None, positions: Tensor | None = None):
+        """x (B, T, E); cross_k/v (B, H, N, Dh). With a cache (B, H, S, Dh), the new keys/values are written
+        at `positions` (B, T) and each query attends to the slots at or before its own position."""
+        q, k, v = (split_heads(t, self.heads) for t in self.qkv(self.ln1(x)).chunk(3, dim=-1))  # (B, H, T, Dh)
+        if cache_k is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            index = positions[:, None, :, None].expand_as(k)  # (B, H, T, Dh)
+            cache_k = cache_k.scatter(2, index, k)
+            cache_v = cache_v.scatter(2, index, v)
+            slots = torch.arange(cache_k.shape[2], device=x.device)
+            visible = slots[None, None, :] <= positions[:, :, None]  # (B, T, S)
+            a = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=visible[:, None])
+        x = x + self.proj(merge_heads(a))
+        a = F.scaled_dot_product_attention(split_heads(self.cross_q(self.ln2(x)), self.heads), cross_k, cross_v)
+        x = x + self.cross_proj(merge_heads(a))
+        x = x + self.mlp(self.ln3(x))
+        return x, cache_k, cache_v
+
+
+class LocCa(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dec_width)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.dec_width)
+        self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.dec_depth))
+        self.ln = nn.LayerNorm(cfg.dec_width)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module):
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    # --- inference interface ----------------------------------------------------------------
+    def encode(self, pixels: Tensor) -> Tensor:
+        """(B, 3, image_size, image_size) normalised pixels -> visual tokens (B, N, D)."""
+        return self.encoder(pixels)
+
+    def cross_kv(self, visual: Tensor) -> tuple[Tensor, Tensor]:
+        """Visual tokens -> per-layer cross-attention keys and values, each (L, B, H, N, Dh), once per image."""
+        kv = [b.cross_kv(visual).chunk(2, dim=-1) for b in self.blocks]
+        H = self.cfg.dec_heads
+        return (torch.stack([split_heads(k, H) for k, _ in kv]), torch.stack([split_heads(v, H) for _, v in kv]))
+
+    def empty_cache(self, batch: int, slots: int | None = None, device=None, dtype=None) -> tuple[Tensor, Tensor]:
+        """Self-attention cache, keys and values each (L, B, H, S, Dh), zero-filled."""
+        c = self.cfg
+        shape = (c.dec_depth, batch, c.dec_heads, slots or c.max_seq_len, c.dec_width // c.dec_heads)
+        p = self.tok_emb.weight
+        z = torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)
+        return z, z.clone()
+
+    def decode_step(self, tokens: Tensor, positions: Tensor, cache_k: Tensor, cache_v: Tensor,
+                    cross_k: Tensor, cross_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Run T new tokens (B, T) at `positions` (B, T) through the decoder.
+
+        Returns logits (B, T, V) and the updated caches (L, B, H, S, Dh). A slot is read only by queries at
+        or after its position, so slots past a sequence's current length may hold anything (prefill padding,
+        a previous request): positions decide what is visible, not the cache contents.
+        """
+        x = self.tok_emb(tokens) + self.pos_emb(positions)  # (B, T, E)
+        new_k, new_v = [], []
+        for layer, block in enumerate(self.blocks):
+            x, k, v = block(x, cross_k[layer], cross_v[layer], cache_k[layer], cache_v[layer], positions)
+            new_k.append(k)
+            new_v.append(v)
+        return self.logits(x), torch.stack(new_k), torch.stack(new_v)
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.ln(x) @ self.tok_emb.weight.T  # tied input/output embeddings (as in whisper)
+
+    # --- training ------------------------------------------------------------------------------
+    def forward(self, pixels: Tensor, tokens: Tensor) -> Tensor:
+        """One encoder pass, the decoder on every target of every image (teacher forcing).
+
+        pixels (B, 3, S, S); tokens (B, K, T): K target sequences per image (LocCa: Cap, ARef, GCap).
+        Returns logits (B, K, T, V) where position t predicts token t + 1.
+        """
+        B, K, T = tokens.shape
+        ck, cv = self.cross_kv(self.encode(pixels))  # (L, B, H, N, Dh): once per image, shared by its K targets
+        ck, cv = (t.repeat_interleave(K, dim=1) for t in (ck, cv))  # (L, B*K, H, N, Dh)
+        positions = torch.arange(T, device=tokens.device)
+        x = self.tok_emb(tokens.reshape(B * K, T)) + self.pos_emb(positions)[None]
+        for layer, block in enumerate(self.blocks):
+            x, _, _ = block(x, ck[layer], cv[layer])
+        return self.logits(x).view(B, K, T, -1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
