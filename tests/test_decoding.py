@@ -1,0 +1,114 @@
+"""Constrained decoding: every output parses, whatever the weights; batched search equals a naive reference."""
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import get_size
+from model.decoding import DecodingOptions, Grammar, GrammarState, Query, decode, log_softmax
+from model.inference import TorchInference
+from model.model import LocCa
+from model.tasks import GRAMMARS
+
+
+def queries_for(tasks, rng, n_images):
+    qs = []
+    for i in range(n_images):
+        w, h = rng.integers(50, 500, size=2)
+        x0, y0 = rng.uniform(0, w - 10), rng.uniform(0, h - 10)
+        box = [x0, y0, rng.uniform(x0 + 5, w), rng.uniform(y0 + 5, h)]
+        qs += [Query(i, "caption", tuple(tasks.caption_prompt()), int(rng.integers(2, 20))),
+               Query(i, "refer", tuple(tasks.refer_prompt("the small red circle on the left"))),
+               Query(i, "describe", tuple(tasks.describe_prompt(box, w, h)), int(rng.integers(2, 12))),
+               Query(i, "propose", tuple(tasks.propose_prompt()), int(rng.integers(7, 20)))]
+    return qs
+
+
+def assert_well_formed(task, tokens, tok, budget):
+    assert tokens[-1] == tok.eos_id and tok.eos_id not in tokens[:-1] and len(tokens) <= budget
+    body = tokens[:-1]
+    if GRAMMARS[task][0][0] == "loc":
+        locs = body[:4]
+        assert all(tok.is_loc(t) for t in locs)
+        assert locs[2] > locs[0] and locs[3] > locs[1], "second corner must come after the first"
+        body = body[4:]
+        if task == "refer":
+            assert body == []
+            return
+        assert body[0] == tok.sep_id
+        body = body[1:]
+    assert len(body) >= 1 and all(tok.is_text(t) for t in body)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("beam", [1, 3])
+def test_every_output_is_well_formed_on_random_weights(seed, beam, tok, tasks):
+    torch.manual_seed(seed)
+    model = LocCa(get_size("tiny", vocab_size=tok.vocab_size))
+    for p in model.parameters():  # sharpen the random distribution so that it has strong, wrong opinions
+        p.data.mul_(1 + 3 * (seed % 3))
+    inf = TorchInference(model)
+    rng = np.random.default_rng(seed)
+    cross = inf.encode(rng.standard_normal((2, 3, 128, 128)).astype(np.float32))
+    qs = queries_for(tasks, rng, 2)
+    results = decode(inf, cross, qs, tok, DecodingOptions(beam_size=beam, num_return=beam))
+    for q, hyps in zip(qs, results, strict=True):
+        assert len(hyps) == beam
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        for h in hyps:
+            assert_well_formed(q.task, h.tokens, tok, q.max_new_tokens or 32)
+            assert len(h.logprobs) == len(h.tokens) and all(lp <= 0 for lp in h.logprobs)
+            parsed = tasks.parse(q.task, h.tokens, 300, 200)
+            if "box" in parsed:
+                x0, y0, x1, y1 = parsed["box"]
+                assert 0 <= x0 < x1 <= 300 and 0 <= y0 < y1 <= 200
+
+
+@torch.no_grad()
+def test_batched_greedy_equals_naive_recomputation(tiny_model, tok, tasks):
+    """Reference: no cache, no batching; the whole sequence re-run through the training forward each step."""
+    inf = TorchInference(tiny_model)
+    rng = np.random.default_rng(7)
+    pixels = rng.standard_normal((2, 3, 128, 128)).astype(np.float32)
+    qs = queries_for(tasks, rng, 2)
+    got = decode(inf, inf.encode(pixels), qs, tok, DecodingOptions(max_new_tokens=12))
+    grammar = Grammar(tok)
+    for q, hyps in zip(qs, got, strict=True):
+        seq, state = list(q.prompt), GrammarState(GRAMMARS[q.task], q.max_new_tokens or 12)
+        while True:
+            logits = tiny_model(torch.from_numpy(pixels[q.image:q.image + 1]), torch.tensor([[seq]]))[0, 0, -1]
+            t = int(np.argmax(np.where(grammar.allowed(state), log_softmax(logits.numpy()), -np.inf)))
+            seq.append(t)
+            state.advance(t, tok)
+            if t == tok.eos_id:
+                break
+        assert hyps[0].tokens == seq[len(q.prompt):]
+
+
+def test_batch_composition_does_not_change_results(tiny_model, tok, tasks):
+    inf = TorchInference(tiny_model)
+    rng = np.random.default_rng(3)
+    cross = inf.encode(rng.standard_normal((2, 3, 128, 128)).astype(np.float32))
+    qs = queries_for(tasks, rng, 2)
+    together = decode(inf, cross, qs, tok, DecodingOptions(beam_size=2))
+    for q, hyps in zip(qs, together, strict=True):
+        alone = decode(inf, cross, [q], tok, DecodingOptions(beam_size=2))[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in hyps]
+        np.testing.assert_allclose([h.score for h in alone], [h.score for h in hyps], atol=1e-4)
+
+
+def test_a_budget_too_small_for_the_grammar_is_refused(tiny_model, tok, tasks):
+    inf = TorchInference(tiny_model)
+    cross = inf.encode(np.zeros((1, 3, 128, 128), np.float32))
+    with pytest.raises(ValueError, match="refer"):
+        decode(inf, cross, [Query(0, "refer", tuple(tasks.refer_prompt("x")), 4)], tok)
+    long_prompt = tuple(tasks.refer_prompt("the red circle " * 30))
+    with pytest.raises(ValueError, match="positions"):
+        decode(inf, cross, [Query(0, "refer", long_prompt)], tok)
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError):
+        DecodingOptions(beam_size=2, num_return=3)
+    with pytest.raises(ValueError):
+        DecodingOptions(max_new_tokens=0)
