@@ -1,10 +1,35 @@
-"""The `locca` command: one entry point, subcommands registered as they become real."""
+"""locca: train, evaluate and manage LocCa models (Wan et al., NeurIPS 2024).
+
+Each subcommand lives beside the code it drives; `locca COMMAND --help` explains it.
+"""
+
+from __future__ import annotations
 
 import argparse
+import importlib
+import sys
+
+# command -> (module with add_arguments(parser) and run(args), one-line help)
+COMMANDS = {
+    "train": ("model.train", "train or resume a model (single process, or DDP under torchrun)"),
+    "eval": ("model.evaluate", "evaluate a checkpoint on held-out shapes-world scenes"),
+    "data": ("model.data_cli", "write shapes-world data sets; convert COCO / RefCOCO annotations"),
+}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="locca", description=__doc__)
-    parser.add_subparsers(dest="command", required=True)
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="locca", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
     args = parser.parse_args(argv)
     return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -111,4 +111,54 @@ def get_size(name: str, **overrides) -> ModelConfig:
     return SIZES[name].replace(**overrides) if overrides else SIZES[name]
 
 
-__all__ = ["ModelConfig", "BoxConfig", "SIZES", "get_size", "PAPER_ENCODER_PARAMS"]
+
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. Configs are code: one small file per experiment in model/configs/."""
+    model: ModelConfig = SIZES["tiny"]
+    box: BoxConfig = BoxConfig()
+    vocab_size: int = 512              # specials + byte-level BPE pieces, trained at the start of a run
+    data: str = "shapes"               # "shapes" (generated, endless) or a JSONL records file (model/records.py)
+    tokenizer_texts: int = 20_000      # examples whose texts train the tokenizer
+    seed: int = 0
+    steps: int = 10_000
+    batch_size: int = 32               # images per step, over all DDP ranks (each image gives 3 targets)
+    lr: float = 1e-3
+    warmup_steps: int = 500            # linear warm-up, then cosine decay to min_lr
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05         # AdamW, on weight matrices only
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    task_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # Cap, ARef, GCap
+    loc_sigma: float = 0.0             # soft location targets: Gaussian over neighbouring bins (in bins); 0 = one-hot
+    cap_parallel_prob: float = 0.0     # CapPa parallel prediction: share of captions decoded from <mask> inputs
+    precision: str = "auto"            # auto: bf16 autocast where the hardware has bf16 units, else fp32
+    num_workers: int = 2               # data-loading processes per rank
+    log_every: int = 20
+    ckpt_every: int = 250
+    eval_every: int = 1000             # 0 = only at the end
+    eval_scenes: int = 200             # held-out scenes for the evaluation during training
+
+    def __post_init__(self):
+        _positive(self, "vocab_size", "tokenizer_texts", "steps", "batch_size", "log_every", "ckpt_every",
+                  "eval_scenes")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps), got {self.warmup_steps}")
+        if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError("need lr > 0 and 0 <= min_lr <= lr")
+        if len(self.task_weights) != 3 or min(self.task_weights) < 0 or sum(self.task_weights) == 0:
+            raise ValueError("task_weights are three non-negative weights (Cap, ARef, GCap), not all zero")
+        if self.loc_sigma < 0 or not 0 <= self.cap_parallel_prob <= 1 or self.num_workers < 0:
+            raise ValueError("need loc_sigma >= 0, cap_parallel_prob in [0, 1], num_workers >= 0")
+        if self.eval_every < 0:
+            raise ValueError("eval_every must be >= 0")
+
+    def replace(self, **kw) -> TrainConfig:
+        return dataclasses.replace(self, **kw)
