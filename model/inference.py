@@ -8,6 +8,8 @@ decoding strategies and the server's scheduler never know which one runs:
     step(state, tokens, positions)     (R, T) int64 numpy each -> logits (R, T, V) float32 numpy; the state's
                                        self-attention cache is updated
     select(state, rows)                keep / reorder / repeat rows (beam search, finished sequences)
+    merge(a, b)                        a state holding a's rows then b's (continuous batching: new requests
+                                       join a running batch); both have the same number of cache slots
 
 Tokens and logits cross the interface as numpy arrays; caches stay in the backend's own memory (a CUDA
 tensor on a GPU) and are only ever touched by the backend.
@@ -75,3 +77,8 @@ class TorchInference:
         idx = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
         for name in ("cache_k", "cache_v", "cross_k", "cross_v"):
             setattr(state, name, getattr(state, name).index_select(1, idx))
+
+    @torch.inference_mode()
+    def merge(self, a: TorchState, b: TorchState) -> TorchState:
+        return TorchState(*(torch.cat([getattr(a, n), getattr(b, n)], dim=1)
+                            for n in ("cache_k", "cache_v", "cross_k", "cross_v")))

@@ -1,0 +1,60 @@
+"""Load a model for inference behind the one interface of model/inference.py, whichever backend runs it.
+
+    load_inference("models/locca-tiny-shapes", backend="torch")        # the PyTorch checkpoint
+    load_inference("models/locca-tiny-shapes/onnx", backend="onnxruntime")
+
+A model path is a checkpoint file (`checkpoint.safetensors`), a directory holding one, or an exported ONNX
+bundle directory (`manifest.json`, see export/onnx_export.py). Everything a caller needs besides the
+inference object comes back with it: tokenizer, tasks (prompts, parsing), model config and metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.config import ModelConfig
+from model.tasks import Tasks
+from model.tokenizer import LoccaTokenizer
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+@dataclass
+class Loaded:
+    inference: object          # implements model/inference.py's interface
+    tok: LoccaTokenizer
+    tasks: Tasks
+    cfg: ModelConfig
+    backend: str
+    device: str
+    meta: dict = field(default_factory=dict)
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoint.safetensors"
+    if not p.is_file():
+        raise FileNotFoundError(f"no LocCa checkpoint at {path} (expected a checkpoint.safetensors file or a "
+                                "directory holding one)")
+    return p
+
+
+def load_inference(path: str | Path, backend: str = "torch", device: str = "cpu", threads: int | None = None) -> Loaded:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        import torch
+
+        from model import checkpoint
+        from model.inference import TorchInference
+
+        if threads:
+            torch.set_num_threads(threads)
+        bundle = checkpoint.load(find_checkpoint(path), device="cpu")
+        inf = TorchInference(bundle.model, device)
+        return Loaded(inf, bundle.tok, bundle.tasks, bundle.model.cfg, "torch", str(inf.device), bundle.meta)
+    from .onnx_backend import load_onnx  # noqa: PLC0415 (onnxruntime is imported only when asked for)
+
+    return load_onnx(path, device=device, threads=threads)
