@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .batch import TASK_NAMES
 from .tokenizer import LoccaTokenizer
 
 PREFIX = 2  # <bos> <task>: given, never predicted
@@ -38,7 +39,7 @@ def locca_loss(logits: Tensor, tokens: Tensor, tok: LoccaTokenizer, task_weights
     per_seq = (nll * valid).sum(-1) / valid.sum(-1).clamp(min=1)  # (B, K)
     has = valid.any(-1).float()  # (B, K): the example has this target
     per_task = (per_seq * has).sum(0) / has.sum(0).clamp(min=1)  # (K,)
-    w = torch.tensor(task_weights, device=logits.device, dtype=torch.float32)
+    w = torch.tensor(task_weights[:K], device=logits.device, dtype=torch.float32)
     w = w * (has.sum(0) > 0)
     loss = (w * per_task).sum() / w.sum().clamp(min=1e-8)
-    return loss, {name: per_task[i].detach() for i, name in enumerate(("Cap", "ARef", "GCap"))}
+    return loss, {name: per_task[i].detach() for i, name in enumerate(TASK_NAMES[:K])}

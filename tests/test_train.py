@@ -1,0 +1,115 @@
+"""Training: losses, CapPa inputs, exact resume, DDP over two CPU processes, evaluation and the CLI."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model import checkpoint
+from model.configs import available, load
+from model.evaluate import evaluate, heldout_scenes
+from model.inference import TorchInference
+from model.losses import locca_loss
+from model.train import lr_at, parallel_inputs, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = load("smoke")
+
+
+def test_configs_load_and_validate():
+    assert {"smoke", "shapes_tiny"} <= set(available())
+    assert load("shapes_tiny").box.bins == load("shapes_tiny").box.bins
+    with pytest.raises(KeyError, match="smoke"):
+        load("nope")
+    with pytest.raises(ValueError):
+        SMOKE.replace(warmup_steps=SMOKE.steps)
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    cfg = SMOKE.replace(steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-5)
+    lrs = [lr_at(cfg, s) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lr_at(cfg, 100) == pytest.approx(1e-5)
+
+
+def test_loss_ignores_prefix_and_padding_and_soft_targets_reward_near_misses(tok, tasks):
+    seq = tasks.aref_sequence("the red circle", [10, 10, 50, 50], 100, 100)
+    tokens = torch.tensor([[seq + [tok.pad_id] * 3]] * 2)  # (B=2, K=1, T)
+    V = tok.vocab_size
+
+    def predicting(offset):  # logits that put the location tokens `offset` bins from the truth
+        x = torch.full((2, 1, tokens.shape[-1], V), -8.0)
+        for t in range(1, tokens.shape[-1]):  # position t - 1 predicts token t
+            x[:, :, t - 1, tokens[0, 0, t] + (offset if tok.is_loc(tokens[0, 0, t]) else 0)] = 8.0
+        return x
+
+    hard = [locca_loss(predicting(d), tokens, tok, (1, 0, 0))[0] for d in (0, 1, 5)]
+    soft = [locca_loss(predicting(d), tokens, tok, (1, 0, 0), loc_sigma=1.0)[0] for d in (0, 1, 5)]
+    assert hard[0] < 1e-3  # pads and the <bos> <task> prefix cost nothing
+    assert hard[1] == pytest.approx(hard[2])  # one-hot targets: one bin off is as wrong as five
+    assert soft[0] < soft[1] < soft[2] and soft[2] - soft[1] > 1.0  # soft targets: a near miss costs less
+
+
+def test_cappa_inputs_mask_only_caption_tokens(tok, tasks):
+    cfg = SMOKE.replace(cap_parallel_prob=1.0)
+    seqs = [tasks.cap_sequence("a small red circle"), tasks.aref_sequence("the circle", [1, 1, 5, 5], 9, 9),
+            tasks.gcap_sequence("the circle", [1, 1, 5, 5], 9, 9)]
+    T = max(map(len, seqs))
+    tokens = torch.tensor([[s + [tok.pad_id] * (T - len(s)) for s in seqs]])
+    inputs = parallel_inputs(tokens, torch.tensor([0]), cfg, tok)
+    n = len(seqs[0])
+    assert (inputs[0, 0, 2:n] == tok.mask_id).all() and (inputs[0, 0, :2] == tokens[0, 0, :2]).all()
+    assert (inputs[0, 0, n:] == tok.pad_id).all() and torch.equal(inputs[0, 1:], tokens[0, 1:])
+    assert torch.equal(parallel_inputs(tokens, torch.tensor([0]), SMOKE, tok), tokens)
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    straight = train(SMOKE, tmp_path / "straight", progress=False)
+    train(SMOKE, tmp_path / "split", stop_after=3, progress=False)  # stops mid-way, between checkpoints
+    assert json.loads((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    resumed = train(SMOKE, tmp_path / "split", progress=False)
+    a, b = load_file(str(straight)), load_file(str(resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert checkpoint.load(resumed).meta["step"] == SMOKE.steps
+    assert (tmp_path / "split" / "curves.png").stat().st_size > 10_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes_match_one_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "locca.cli", "train", "--config", "smoke",
+           "--out", str(tmp_path / "ddp"), "--no-progress"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(r) for r in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == SMOKE.steps and rows[-1]["world"] == 2
+    single = train(SMOKE, tmp_path / "single", progress=False)
+    a, b = load_file(str(tmp_path / "ddp" / "checkpoint.safetensors")), load_file(str(single))
+    # same global batch split over two ranks: the same updates up to float summation order
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_eval_runs_on_a_checkpoint_and_reports_every_metric(tmp_path):
+    ckpt = train(SMOKE, tmp_path / "run", progress=False)
+    bundle = checkpoint.load(ckpt)
+    metrics = evaluate(TorchInference(bundle.model), bundle.tasks, heldout_scenes(8), progress=False)
+    for key in ("refer_acc50", "refer_miou", "caption_exact", "caption_cider", "describe_exact",
+                "proposal_precision"):
+        assert 0.0 <= metrics[key] <= 10.0
+    out = subprocess.run([sys.executable, "-m", "locca.cli", "eval", str(ckpt), "--scenes", "4", "--json",
+                          str(tmp_path / "m.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "refer_acc50" in out.stdout and json.loads((tmp_path / "m.json").read_text())["scenes"] == 4
