@@ -16,7 +16,6 @@ Dimension letters:
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -67,12 +67,13 @@ class Predictor:
         for i, hyps in zip(greedy, decode(self.inference, cross, queries, self.tasks.tok, self.options),
                            strict=True):
             out[i] = self.answer(asks[i], hyps[0], sizes[asks[i].image])
-        for i, a in enumerate(asks):
-            if a.task == "propose":
-                opts = DecodingOptions(beam_size=self.propose_beam, num_return=self.propose_beam,
-                                       max_new_tokens=self.options.max_new_tokens)
-                hyps = decode(self.inference, cross, [self.query(a, sizes[a.image])], self.tasks.tok, opts)[0]
-                out[i] = {"regions": self.regions(hyps, sizes[a.image], a.max_regions)}
+        propose = [i for i, a in enumerate(asks) if a.task == "propose"]
+        if propose:  # beam search, all proposals of the batch in one call
+            opts = DecodingOptions(beam_size=self.propose_beam, num_return=self.propose_beam,
+                                   max_new_tokens=self.options.max_new_tokens)
+            queries = [self.query(asks[i], sizes[asks[i].image]) for i in propose]
+            for i, hyps in zip(propose, decode(self.inference, cross, queries, self.tasks.tok, opts), strict=True):
+                out[i] = {"regions": self.regions(hyps, sizes[asks[i].image], asks[i].max_regions)}
         return out
 
     def answer(self, ask: Ask, h: Hypothesis, size) -> dict:

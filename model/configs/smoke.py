@@ -3,7 +3,7 @@
     locca train --config smoke --out runs/smoke
 """
 
-from model.config import BoxConfig, SIZES, TrainConfig
+from model.config import SIZES, BoxConfig, TrainConfig
 
 CONFIG = TrainConfig(
     model=SIZES["tiny"].replace(image_size=64, enc_width=64, enc_depth=1, enc_heads=2, enc_mlp=128,
