@@ -152,9 +152,13 @@ class LocCa(nn.Module):
 
     def cross_kv(self, visual: Tensor) -> tuple[Tensor, Tensor]:
         """Visual tokens -> per-layer cross-attention keys and values, each (L, B, H, N, Dh), once per image."""
-        kv = [b.cross_kv(visual).chunk(2, dim=-1) for b in self.blocks]
+        kv = self.cross_kv_layers(visual)
+        return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
+
+    def cross_kv_layers(self, visual: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """cross_kv as one (keys, values) pair per layer, each (B, H, N, Dh): the exported encoder's outputs."""
         H = self.cfg.dec_heads
-        return (torch.stack([split_heads(k, H) for k, _ in kv]), torch.stack([split_heads(v, H) for _, v in kv]))
+        return [tuple(split_heads(t, H) for t in b.cross_kv(visual).chunk(2, dim=-1)) for b in self.blocks]
 
     def empty_cache(self, batch: int, slots: int | None = None, device=None, dtype=None) -> tuple[Tensor, Tensor]:
         """Self-attention cache, keys and values each (L, B, H, S, Dh), zero-filled."""
@@ -172,32 +176,50 @@ class LocCa(nn.Module):
         or after its position, so slots past a sequence's current length may hold anything (prefill padding,
         a previous request): positions decide what is visible, not the cache contents.
         """
+        logits, new_k, new_v = self.decode_layers(tokens, positions, cache_k, cache_v, cross_k, cross_v)
+        return logits, torch.stack(new_k), torch.stack(new_v)
+
+    def decode_layers(self, tokens: Tensor, positions: Tensor, cache_k, cache_v, cross_k, cross_v):
+        """decode_step with the caches as L per-layer tensors (a stacked tensor indexes the same way), and the
+        updated caches returned as lists: the exported decoder's inputs and outputs (export/onnx_export.py)."""
         x = self.tok_emb(tokens) + self.pos_emb(positions)  # (B, T, E)
         new_k, new_v = [], []
         for layer, block in enumerate(self.blocks):
             x, k, v = block(x, cross_k[layer], cross_v[layer], cache_k[layer], cache_v[layer], positions)
             new_k.append(k)
             new_v.append(v)
-        return self.logits(x), torch.stack(new_k), torch.stack(new_v)
+        return self.logits(x), new_k, new_v
 
     def logits(self, x: Tensor) -> Tensor:
         return self.ln(x) @ self.tok_emb.weight.T  # tied input/output embeddings (as in whisper)
 
     # --- training ------------------------------------------------------------------------------
-    def forward(self, pixels: Tensor, tokens: Tensor) -> Tensor:
+    def forward(self, pixels: Tensor, tokens: Tensor, lengths: list[int] | None = None) -> Tensor:
         """One encoder pass, the decoder on every target of every image (teacher forcing).
 
         pixels (B, 3, S, S); tokens (B, K, T): K target sequences per image (LocCa: Cap, ARef, GCap).
+        lengths: optional longest real length of each of the K targets; the decoder then runs each target
+        trimmed to its own length (a box target is a third of a caption's), and logits past it are zero.
         Returns logits (B, K, T, V) where position t predicts token t + 1.
         """
         B, K, T = tokens.shape
         ck, cv = self.cross_kv(self.encode(pixels))  # (L, B, H, N, Dh): once per image, shared by its K targets
-        ck, cv = (t.repeat_interleave(K, dim=1) for t in (ck, cv))  # (L, B*K, H, N, Dh)
-        positions = torch.arange(T, device=tokens.device)
-        x = self.tok_emb(tokens.reshape(B * K, T)) + self.pos_emb(positions)[None]
+        if lengths is None:
+            return self._decode(tokens.reshape(B * K, T), ck.repeat_interleave(K, dim=1),
+                                cv.repeat_interleave(K, dim=1)).view(B, K, T, -1)
+        out = []
+        for k, n in enumerate(lengths):
+            logits = self._decode(tokens[:, k, :n], ck, cv)  # (B, n, V)
+            out.append(F.pad(logits, (0, 0, 0, T - n)))
+        return torch.stack(out, dim=1)
+
+    def _decode(self, tokens: Tensor, ck: Tensor, cv: Tensor) -> Tensor:
+        """Full-sequence causal decoding without a cache: tokens (R, T), cross K/V (L, R, H, N, Dh)."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.tok_emb(tokens) + self.pos_emb(positions)[None]
         for layer, block in enumerate(self.blocks):
             x, _, _ = block(x, ck[layer], cv[layer])
-        return self.logits(x).view(B, K, T, -1)
+        return self.logits(x)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -187,8 +187,9 @@ def train(cfg: TrainConfig, out: str | Path, stop_after: int | None = None, time
             g["lr"] = lr
         tokens = batch["tokens"].to(dev, non_blocking=True)
         inputs = parallel_inputs(batch["tokens"], batch["index"], cfg, tok).to(dev)
+        lengths = (tokens != tok.pad_id).sum(-1).amax(0).tolist()  # longest of each task in this batch
         with autocast:
-            logits = ddp(batch["pixels"].to(dev, non_blocking=True), inputs)
+            logits = ddp(batch["pixels"].to(dev, non_blocking=True), inputs, lengths)
         loss, parts = locca_loss(logits, tokens, tok, cfg.task_weights, cfg.loc_sigma)
         opt.zero_grad(set_to_none=True)
         loss.backward()

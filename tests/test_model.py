@@ -71,3 +71,16 @@ def test_cross_attention_keys_are_computed_once_per_image_and_shared(tiny_model,
     both = tiny_model(pixels, tokens)
     one = tiny_model(pixels[:1], tokens[:1])
     torch.testing.assert_close(both[:1], one, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_trimmed_per_task_decoding_equals_the_padded_batch(tiny_model, tasks, tok):
+    seqs = task_sequences(tasks)
+    tokens = pad(seqs, tok.pad_id)[None].expand(2, -1, -1)
+    pixels = torch.randn(2, 3, 128, 128)
+    full = tiny_model(pixels, tokens)
+    lengths = [len(s) for s in seqs]
+    trimmed = tiny_model(pixels, tokens, lengths)
+    for k, n in enumerate(lengths):
+        torch.testing.assert_close(trimmed[:, k, :n], full[:, k, :n], atol=1e-5, rtol=0)
+        assert (trimmed[:, k, n:] == 0).all()
