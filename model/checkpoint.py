@@ -52,6 +52,7 @@ def save(path: str | Path, model: LocCa, tok: LoccaTokenizer, box: BoxConfig, **
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state, str(tmp), metadata=header)
+    tmp.chmod(0o644)  # safetensors creates files 0600; a bundle must be readable by a non-root server
     tmp.replace(path)  # atomic: a crash mid-save never leaves a truncated checkpoint
 
 

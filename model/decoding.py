@@ -117,74 +117,110 @@ def budget_for(query: Query, options: DecodingOptions, max_seq_len: int) -> int:
     return budget
 
 
+class BeamSearch:
+    """One query's beam search, `width` beams wide (greedy = 1), one step at a time.
+
+    The search owns no model state. Its beams live in rows of whatever batch the caller runs: before each
+    step the caller sets `rows` (the rows of the logits array that hold this query's beams), `advance` picks
+    the next beams from them and leaves `src` (the row each next beam continues), `tokens()` and
+    `positions()` for the next step call. `decode()` below and the server's scheduler (service/scheduler.py)
+    drive searches the same way, so a query gets the same search alone, in a batch, or joining a running one.
+    """
+
+    def __init__(self, query: Query, budget: int, width: int, grammar: Grammar, length_penalty: float = 1.0):
+        self.query, self.width, self.grammar, self.length_penalty = query, width, grammar, length_penalty
+        self.scores = np.r_[0.0, np.full(width - 1, -np.inf)]  # only beam 0 starts alive
+        self.states = [GrammarState(GRAMMARS[query.task], budget) for _ in range(width)]
+        self.seqs: list[list[int]] = [[] for _ in range(width)]
+        self.lps: list[list[float]] = [[] for _ in range(width)]
+        self.finished: list[Hypothesis] = []
+        self.rows: list[int] = []   # rows of the next `advance` call's logits holding the beams, set by the caller
+        self.src: list[int] = []    # after `advance`: the row of those logits each next beam continues
+        self.done = False
+
+    def advance(self, logits: np.ndarray) -> bool:
+        """One step: read this query's rows of `logits` (R, V), pick the next beams. False once done."""
+        W, tok = self.width, self.grammar.tok
+        logp = log_softmax(logits[self.rows])  # (W, V)
+        mask = np.stack([self.grammar.allowed(s) for s in self.states])
+        block = (np.where(mask, logp, -np.inf) + self.scores[:, None]).ravel()
+        V = logp.shape[1]
+        cont = []  # (source beam, token, score, grammar state, tokens, logprobs)
+        for idx in np.argsort(-block, kind="stable")[: 2 * W]:
+            if not np.isfinite(block[idx]) or len(cont) == W:
+                break
+            beam, t = int(idx) // V, int(idx) % V
+            seq, lp = self.seqs[beam] + [t], self.lps[beam] + [float(logp[beam, t])]
+            if t == tok.eos_id:
+                self.finished.append(Hypothesis(seq, lp, float(np.sum(lp)) / len(lp) ** self.length_penalty))
+                continue
+            st = self.states[beam].copy()
+            st.advance(t, tok)
+            cont.append((beam, t, float(block[idx]), st, seq, lp))
+        if len(self.finished) >= W or not cont:
+            self.done, self.src = True, []
+            return False
+        while len(cont) < W:  # a tight grammar left fewer continuations: pad with dead beams
+            beam, t, _, st, seq, lp = cont[-1]
+            cont.append((beam, t, -np.inf, st.copy(), seq, lp))
+        beams, _, scores, self.states, self.seqs, self.lps = (list(c) for c in zip(*cont, strict=True))
+        self.scores = np.array(scores, dtype=np.float64)
+        self.src = [self.rows[b] for b in beams]
+        return True
+
+    def tokens(self) -> np.ndarray:
+        """(W,) the token each beam feeds next."""
+        return np.array([s[-1] for s in self.seqs], dtype=np.int64)
+
+    def positions(self) -> np.ndarray:
+        """(W,) the positions of those tokens."""
+        return np.array([len(self.query.prompt) + len(s) - 1 for s in self.seqs], dtype=np.int64)
+
+    def best(self, n: int) -> list[Hypothesis]:
+        return sorted(self.finished, key=lambda h: -h.score)[:n]
+
+
+def next_rows(searches: list[BeamSearch]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lay running searches out as the rows of the next step call, in order: each search's `rows` become
+    its slice of that call. Returns the rows to keep from the current state (for `select`), and the
+    (R, 1) tokens and positions to step."""
+    src: list[int] = []
+    for s in searches:
+        s.rows = list(range(len(src), len(src) + s.width))
+        src += s.src
+    tokens = np.concatenate([s.tokens() for s in searches])[:, None]
+    positions = np.concatenate([s.positions() for s in searches])[:, None]
+    return np.array(src, dtype=np.int64), tokens, positions
+
+
+def prefill(inference, cross, queries: list[Query], pad_id: int):
+    """Start one row per query and run all prompts in one call, right-padded. Pad tokens write cache slots
+    past their prompt; those slots are overwritten by the generated tokens before any query can see them
+    (positions decide). Returns the state and the logits after each prompt's last token, (Q, V)."""
+    lengths = np.array([len(q.prompt) for q in queries])
+    Q, P = len(queries), int(lengths.max())
+    tokens = np.full((Q, P), pad_id, dtype=np.int64)
+    for i, q in enumerate(queries):
+        tokens[i, : len(q.prompt)] = q.prompt
+    state = inference.start(cross, np.array([q.image for q in queries]))
+    logits = inference.step(state, tokens, np.tile(np.arange(P), (Q, 1)))
+    return state, logits[np.arange(Q), lengths - 1]
+
+
 def decode(inference, cross, queries: list[Query], tok: LoccaTokenizer,
            options: DecodingOptions = DecodingOptions()) -> list[list[Hypothesis]]:
     """Beam search over all queries at once; returns `num_return` hypotheses per query, best first."""
     if not queries:
         return []
-    grammar, W, S = Grammar(tok), options.beam_size, inference.cfg.max_seq_len
-    Q = len(queries)
-    budgets = [budget_for(q, options, S) for q in queries]
-
-    # Prefill all prompts in one call, right-padded. Pad tokens write cache slots past their prompt; those
-    # slots are overwritten by the generated tokens before any query can see them (positions decide).
-    lengths = np.array([len(q.prompt) for q in queries])
-    P = int(lengths.max())
-    tokens = np.full((Q, P), tok.pad_id, dtype=np.int64)
-    for i, q in enumerate(queries):
-        tokens[i, : len(q.prompt)] = q.prompt
-    state = inference.start(cross, np.array([q.image for q in queries]))
-    logits = inference.step(state, tokens, np.tile(np.arange(P), (Q, 1)))
-    last = logits[np.arange(Q), lengths - 1]  # (Q, V)
-
-    # Rows are (query, beam) pairs of the live queries; only beam 0 of each starts alive.
-    live = list(range(Q))
-    inference.select(state, np.repeat(np.arange(Q), W))
-    last = np.repeat(last, W, axis=0)
-    scores = np.tile(np.r_[0.0, np.full(W - 1, -np.inf)], Q)
-    states = [GrammarState(GRAMMARS[queries[q].task], budgets[q]) for q in range(Q) for _ in range(W)]
-    seqs: list[list[int]] = [[] for _ in range(Q * W)]
-    lps: list[list[float]] = [[] for _ in range(Q * W)]
-    finished: list[list[Hypothesis]] = [[] for _ in range(Q)]
-
-    while live:
-        logp = log_softmax(last)  # (R, V), R = len(live) * W
-        mask = np.stack([grammar.allowed(s) for s in states])
-        cand = np.where(mask, logp, -np.inf) + scores[:, None]
-        V = cand.shape[1]
-        next_live, beams = [], []  # beams: (source row, token, score, grammar state, tokens, logprobs)
-        for j, q in enumerate(live):
-            block = cand[j * W:(j + 1) * W].ravel()
-            cont = []
-            for idx in np.argsort(-block, kind="stable")[: 2 * W]:
-                if not np.isfinite(block[idx]) or len(cont) == W:
-                    break
-                row, t = j * W + int(idx) // V, int(idx) % V
-                seq, lp = seqs[row] + [t], lps[row] + [float(logp[row, t])]
-                if t == tok.eos_id:
-                    finished[q].append(Hypothesis(seq, lp, float(np.sum(lp)) / len(lp) ** options.length_penalty))
-                    continue
-                st = states[row].copy()
-                st.advance(t, tok)
-                cont.append((row, t, float(block[idx]), st, seq, lp))
-            if len(finished[q]) >= W or not cont:
-                continue  # this query is done
-            while len(cont) < W:  # a tight grammar left fewer continuations: pad with dead beams
-                row, t, _, st, seq, lp = cont[-1]
-                cont.append((row, t, -np.inf, st.copy(), seq, lp))
-            next_live.append(q)
-            beams += cont
-        if not next_live:
-            break
-        live = next_live
-        src, new_tok, new_scores, states, seqs, lps = (list(c) for c in zip(*beams, strict=True))
-        scores = np.array(new_scores, dtype=np.float64)
-        inference.select(state, np.array(src))
-        positions = np.array([len(queries[live[r // W]].prompt) + len(seqs[r]) - 1 for r in range(len(seqs))])
-        last = inference.step(state, np.array(new_tok, dtype=np.int64)[:, None], positions[:, None])[:, 0]
-
-    out = []
-    for hyps in finished:
-        hyps.sort(key=lambda h: -h.score)
-        out.append(hyps[: options.num_return])
-    return out
+    grammar, S = Grammar(tok), inference.cfg.max_seq_len
+    searches = [BeamSearch(q, budget_for(q, options, S), options.beam_size, grammar, options.length_penalty)
+                for q in queries]
+    state, last = prefill(inference, cross, queries, tok.pad_id)
+    for i, s in enumerate(searches):
+        s.rows = [i] * s.width  # every beam starts from its query's prompt row
+    live = searches
+    while live := [s for s in live if s.advance(last)]:
+        src, tokens, positions = next_rows(live)
+        inference.select(state, src)
+        last = inference.step(state, tokens, positions)[:, 0]
+    return [s.best(options.num_return) for s in searches]
