@@ -136,6 +136,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     task_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # Cap, ARef, GCap
     loc_sigma: float = 0.0             # soft location targets: Gaussian over neighbouring bins (in bins); 0 = one-hot
+    loc_init: str = "random"           # "sincos": location-token embeddings start as sin-cos codes of the bin index
     cap_parallel_prob: float = 0.0     # CapPa parallel prediction: share of captions decoded from <mask> inputs
     precision: str = "auto"            # auto: bf16 autocast where the hardware has bf16 units, else fp32
     num_workers: int = 2               # data-loading processes per rank
@@ -157,6 +158,8 @@ class TrainConfig:
             raise ValueError("task_weights are three non-negative weights (Cap, ARef, GCap), not all zero")
         if self.loc_sigma < 0 or not 0 <= self.cap_parallel_prob <= 1 or self.num_workers < 0:
             raise ValueError("need loc_sigma >= 0, cap_parallel_prob in [0, 1], num_workers >= 0")
+        if self.loc_init not in ("random", "sincos"):
+            raise ValueError(f"loc_init must be 'random' or 'sincos', got {self.loc_init!r}")
         if self.eval_every < 0:
             raise ValueError("eval_every must be >= 0")
 

@@ -222,6 +222,20 @@ class LocCa(nn.Module):
         return self.logits(x)
 
 
+@torch.no_grad()
+def init_location_embeddings(model: LocCa, offset: int, bins: int) -> None:
+    """Start the location-token embeddings as 1-D sin-cos codes of the bin index (scaled to the embedding's
+    init std), so that neighbouring bins start with similar embeddings, and, through the tied output layer,
+    similar logits: a near miss is near from the first step."""
+    E = model.cfg.dec_width
+    pos = torch.arange(bins, dtype=torch.float32)[:, None]
+    # angles from 1 radian per bin down to 1 / (4 * bins): the slowest code never wraps across the bins
+    freq = (4.0 * bins) ** -(torch.arange(E // 2, dtype=torch.float32) / (E // 2))
+    code = torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], dim=1)
+    weight = model.tok_emb.weight
+    weight[offset:offset + bins, : code.shape[1]] = code * weight.std()
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -32,6 +32,7 @@ from .batch import Collator
 from .codec import BoxCodec
 from .config import TrainConfig
 from .losses import PREFIX, locca_loss
+from .model import init_location_embeddings
 from .records import RecordsDataset, ShapesStream, read_records
 from .shapes import generate_scene
 from .tasks import Tasks
@@ -155,6 +156,8 @@ def train(cfg: TrainConfig, out: str | Path, stop_after: int | None = None, time
         tok = LoccaTokenizer.load(run.tokenizer)
         torch.manual_seed(cfg.seed)
         model = checkpoint.build(cfg.model, tok, cfg.box)
+        if cfg.loc_init == "sincos":
+            init_location_embeddings(model, tok.loc_offset, tok.num_loc)
     model.to(dev).train()
     tasks = Tasks(tok, BoxCodec(cfg.box, tok.loc_offset))
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,

@@ -1,6 +1,7 @@
 """Cached decoding equals full recomputation, for every task, prompt length mix and batch composition."""
 
 import numpy as np
+import pytest
 import torch
 
 from model.inference import TorchInference
@@ -84,3 +85,17 @@ def test_trimmed_per_task_decoding_equals_the_padded_batch(tiny_model, tasks, to
     for k, n in enumerate(lengths):
         torch.testing.assert_close(trimmed[:, k, :n], full[:, k, :n], atol=1e-5, rtol=0)
         assert (trimmed[:, k, n:] == 0).all()
+
+
+def test_sincos_location_init_makes_neighbouring_bins_similar(tok):
+    from model.config import get_size
+    from model.model import LocCa, init_location_embeddings
+
+    model = LocCa(get_size("tiny", vocab_size=tok.vocab_size))
+    init_location_embeddings(model, tok.loc_offset, tok.num_loc)
+    e = model.tok_emb.weight[tok.loc_offset:].detach()
+    e = e / e.norm(dim=1, keepdim=True)
+    sim = [(e[20] @ e[20 + d]).item() for d in (1, 4, 16, 40)]
+    assert sim == sorted(sim, reverse=True) and sim[0] > 0.9
+    text = model.tok_emb.weight[tok.text_start:tok.loc_offset]
+    assert text.std().item() == pytest.approx(0.02, rel=0.2)  # text embeddings untouched
