@@ -13,15 +13,22 @@ import sys
 COMMANDS = {
     "train": ("model.train", "train or resume a model (single process, or DDP under torchrun)"),
     "eval": ("model.evaluate", "evaluate a checkpoint on held-out shapes-world scenes"),
+    "export": ("export.onnx_export", "export a checkpoint to an ONNX bundle (encoder, KV-cache decoder, manifest)"),
+    "serve": ("service.cli", "serve a model: REST and gRPC, continuous batching, supervised model workers"),
     "data": ("model.data_cli", "write shapes-world data sets; convert COCO / RefCOCO annotations"),
 }
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="locca", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_) in COMMANDS.items():
+        if name != chosen:  # only the command that runs is imported: `locca serve` does not load training code
+            sub.add_parser(name, help=help_, add_help=False)
+            continue
         mod = importlib.import_module(module)
         p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)

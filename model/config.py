@@ -135,6 +135,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
     task_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)  # Cap, ARef, GCap
+    regions_per_image: int = 1         # ARef and GCap targets per image (distinct regions; all share one encoder pass)
     loc_sigma: float = 0.0             # soft location targets: Gaussian over neighbouring bins (in bins); 0 = one-hot
     loc_init: str = "random"           # "sincos": location-token embeddings start as sin-cos codes of the bin index
     cap_parallel_prob: float = 0.0     # CapPa parallel prediction: share of captions decoded from <mask> inputs
@@ -147,7 +148,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _positive(self, "vocab_size", "tokenizer_texts", "steps", "batch_size", "log_every", "ckpt_every",
-                  "eval_scenes")
+                  "eval_scenes", "regions_per_image")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0 <= self.warmup_steps < self.steps:

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import checkpoint
-from .batch import Collator
+from .batch import Collator, task_layout
 from .codec import BoxCodec
 from .config import TrainConfig
 from .losses import PREFIX, locca_loss
@@ -173,10 +173,12 @@ def train(cfg: TrainConfig, out: str | Path, stop_after: int | None = None, time
 
     loader = DataLoader(dataset(cfg, step * local_batch, local_batch), batch_size=local_batch,
                         num_workers=cfg.num_workers, persistent_workers=False,
-                        collate_fn=Collator(tasks, cfg.model.image_size, cfg.model.max_seq_len, cfg.seed),
+                        collate_fn=Collator(tasks, cfg.model.image_size, cfg.model.max_seq_len, cfg.seed,
+                                            cfg.regions_per_image),
                         prefetch_factor=4 if cfg.num_workers else None)
     bf16 = use_bf16(cfg, dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    layout = task_layout(cfg.regions_per_image)
     last = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     deadline = None if time_limit is None else time.monotonic() + 60 * time_limit
     bar = tqdm(total=cfg.steps, initial=step, disable=not (lead and progress), dynamic_ncols=True,
@@ -193,7 +195,7 @@ def train(cfg: TrainConfig, out: str | Path, stop_after: int | None = None, time
         lengths = (tokens != tok.pad_id).sum(-1).amax(0).tolist()  # longest of each task in this batch
         with autocast:
             logits = ddp(batch["pixels"].to(dev, non_blocking=True), inputs, lengths)
-        loss, parts = locca_loss(logits, tokens, tok, cfg.task_weights, cfg.loc_sigma)
+        loss, parts = locca_loss(logits, tokens, tok, cfg.task_weights, cfg.loc_sigma, layout)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

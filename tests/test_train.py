@@ -113,3 +113,22 @@ def test_eval_runs_on_a_checkpoint_and_reports_every_metric(tmp_path):
                           str(tmp_path / "m.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "refer_acc50" in out.stdout and json.loads((tmp_path / "m.json").read_text())["scenes"] == 4
+
+
+def test_collator_gives_every_image_distinct_regions_and_empty_targets_when_short(tasks, tok):
+    from model.batch import Collator, task_layout
+    from model.records import ShapesStream
+
+    examples = list(ShapesStream(0, num_scenes=6))
+    batch = Collator(tasks, 64, 48, seed=0, regions_per_image=3)(examples)
+    tokens = batch["tokens"]
+    assert tokens.shape[:2] == (6, 7) and task_layout(3) == [0, 1, 1, 1, 2, 2, 2]
+    for ex, per in zip(examples, tokens, strict=True):
+        n = min(3, len(ex["regions"]))
+        has = (per != tok.pad_id).any(-1).tolist()
+        assert has == [True] + [True] * n + [False] * (3 - n) + [True] * n + [False] * (3 - n)
+        arefs = {tuple(per[k][per[k] != tok.pad_id].tolist()) for k in range(1, 1 + n)}
+        assert len(arefs) == n  # distinct regions
+        assert all(per[k][1].item() == tok.aref_id for k in range(1, 1 + n))
+    loss, parts = locca_loss(torch.zeros(6, 7, tokens.shape[-1], tok.vocab_size), tokens, tok, layout=task_layout(3))
+    assert set(parts) == {"Cap", "ARef", "GCap"} and torch.isfinite(loss)

@@ -1,0 +1,95 @@
+"""The server process: REST (uvicorn) and gRPC (grpc.aio) on one event loop, the engine, the worker pool.
+
+Start: resolve the model (service/bundle.py), open both ports (so /healthz answers at once, /readyz says 503),
+start the workers; ready when a worker has loaded and warmed up its model.
+SIGTERM / SIGINT: stop admitting (503 / UNAVAILABLE, /readyz 503, gRPC health NOT_SERVING), let the requests in
+flight finish (up to drain_timeout_s), close both servers, stop the workers, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+import uvicorn
+
+from . import bundle, logs
+from .engine import Engine
+from .pool import WorkerPool
+from .settings import Settings
+from .worker import WorkerSpec
+
+log = logging.getLogger("locca.server")
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handlers: shutdown is ours (drain first, then close)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def worker_specs(settings: Settings, source: bundle.Source) -> list[WorkerSpec]:
+    return [WorkerSpec(index=i, model=source.path, backend=source.backend, device=device, threads=settings.threads,
+                       max_batch=settings.max_batch_size, max_wait=settings.max_wait_ms / 1000,
+                       max_rows=settings.max_rows, warmup=settings.warmup, log_level=settings.log_level,
+                       log_json=settings.log_json, parent_pid=os.getpid())
+            for i, device in enumerate(bundle.devices(settings))]
+
+
+async def serve(settings: Settings) -> int:
+    from .grpc_server import GrpcServer  # noqa: PLC0415 (generates the stubs on first use)
+    from .rest import build_app  # noqa: PLC0415
+
+    source = await asyncio.to_thread(bundle.resolve, settings)
+    specs = worker_specs(settings, source)
+    pool = WorkerPool(specs, settings.retry_after_s)
+    engine = Engine(settings, pool, bundle.model_name(settings.model))
+    rest = _Uvicorn(uvicorn.Config(build_app(engine, settings), host=settings.host, port=settings.port,
+                                   log_config=None, access_log=False, lifespan="off",
+                                   timeout_graceful_shutdown=5))
+    grpc_server = GrpcServer(engine, settings)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await grpc_server.start()
+    rest_task = asyncio.create_task(rest.serve())
+    pool.start()
+    log.info("serving", extra={"rest": f"{settings.host}:{settings.port}",
+                               "grpc": f"{settings.host}:{settings.grpc_port}", "backend": source.backend,
+                               "model": source.path, "devices": [s.device for s in specs]})
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({stopped, rest_task}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if rest_task.done():  # uvicorn could not start (port taken, ...)
+        log.error("the REST server stopped unexpectedly")
+        code = 1
+    log.info("shutting down: draining", extra={"in_flight": engine.in_flight})
+    drained = await engine.drain(settings.drain_timeout_s)
+    if not drained:
+        log.warning("drain timed out", extra={"in_flight": engine.in_flight})
+    rest.should_exit = True
+    await grpc_server.stop(grace=2.0)
+    with contextlib.suppress(Exception):
+        await rest_task
+    await pool.close()
+    engine.close()
+    stopped.cancel()
+    log.info("stopped", extra={"drained": drained})
+    return code
+
+
+def run(settings: Settings) -> int:
+    logs.setup(settings.log_level, settings.log_json)
+    try:
+        return asyncio.run(serve(settings))
+    except FileNotFoundError as e:
+        log.error(str(e))
+        return 2

@@ -1,0 +1,91 @@
+"""Reading a REST request: content type (415), body size (413), JSON or multipart, schema (422), the image's
+bytes, and the optional X-Request-Timeout header; and the OpenAPI description of such a body."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from .errors import InvalidRequest, TooLarge, UnsupportedMediaType
+from .schemas import b64_image
+
+DRAIN_EXTRA_BYTES = 8 << 20  # read (and drop) this much past the limit so the client gets its 413
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    chunks, size = [], 0
+    declared = request.headers.get("content-length", "")
+    too_large = declared.isdigit() and int(declared) > limit
+    async for chunk in request.stream():
+        size += len(chunk)
+        too_large = too_large or size > limit
+        if too_large:
+            if size > limit + DRAIN_EXTRA_BYTES:
+                break
+            continue
+        chunks.append(chunk)
+    if too_large:
+        raise TooLarge(f"the body is over the {limit}-byte limit")
+    return b"".join(chunks)
+
+
+async def read_request(request: Request, full: type[BaseModel], params: type[BaseModel], limit: int):
+    """-> (validated params, image bytes), from a JSON or a multipart body."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media not in ("application/json", "multipart/form-data"):
+        raise UnsupportedMediaType(f"content type {media or 'none'!r}: send application/json or multipart/form-data")
+    body = await read_body(request, limit)
+    try:
+        if media == "application/json":
+            try:
+                data = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise InvalidRequest("the body is not valid JSON") from None
+            if not isinstance(data, dict):
+                raise InvalidRequest("the body must be a JSON object")
+            req = full.model_validate(data)
+            return params.model_validate(req.model_dump(exclude={"image"})), b64_image(req.image)
+
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
+        except Exception as e:  # noqa: BLE001 (python-multipart / starlette parse errors)
+            raise InvalidRequest(f"malformed multipart body: {getattr(e, 'detail', e)}") from None
+        fields = {k: v for k, v in form.items() if k != "image"}
+        image = form.get("image")
+        if image is None:
+            raise InvalidRequest("the form needs a file part `image`")
+        data = await image.read() if isinstance(image, UploadFile) else b64_image(image)
+        return params.model_validate(fields), data
+    except ValidationError as e:
+        raise InvalidRequest(_explain(e)) from None
+
+
+def _explain(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
+
+
+def client_timeout(request: Request) -> float | None:
+    raw = request.headers.get("x-request-timeout")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidRequest("X-Request-Timeout must be a number of seconds") from None
+    if not value > 0:
+        raise InvalidRequest("X-Request-Timeout must be positive")
+    return value
+
+
+def body_doc(full: type[BaseModel]) -> dict:
+    """OpenAPI: the request body in both accepted content types."""
+    schema = full.model_json_schema()
+    form = {**schema, "properties": {**schema["properties"], "image": {"type": "string", "format": "binary"}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
+                                                          "multipart/form-data": {"schema": form}}}}

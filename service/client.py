@@ -1,0 +1,240 @@
+"""Python clients of the LocCa server: REST (sync and async, httpx) and gRPC, typed, with timeouts and
+retries on 429 / 503 (RESOURCE_EXHAUSTED / UNAVAILABLE) that honour Retry-After.
+
+    from service.client import LoccaClient
+    with LoccaClient("http://127.0.0.1:8000") as c:
+        print(c.caption(Image.open("scene.png")).caption)
+        print(c.refer(open("scene.png", "rb").read(), "the red circle").box)
+
+An image is bytes (sent as is), a PIL image (sent as PNG) or a local path (read by the client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import httpx
+from PIL import Image
+
+RETRY_STATUS = {429, 503}
+RETRY_GRPC = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
+
+
+@dataclass(frozen=True)
+class Caption:
+    caption: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Referral:
+    expression: str
+    box: list[float]
+    score: float
+
+
+@dataclass(frozen=True)
+class Region:
+    box: list[float]
+    text: str
+    score: float
+
+
+@dataclass
+class LoccaError(Exception):
+    status: int | str              # HTTP status, or the gRPC status name
+    code: str                      # the contract's error code (REST) or the gRPC status name, lowercase
+    message: str
+    retry_after: float | None = None
+    request_id: str | None = field(default=None, compare=False)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+
+def image_bytes(image: bytes | str | Path | Image.Image) -> bytes:
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        return buf.getvalue()
+    return Path(image).read_bytes()
+
+
+def _delay(retry_after: float | None, attempt: int, cap: float) -> float:
+    return min(cap, retry_after if retry_after is not None else 0.1 * 2 ** attempt)
+
+
+# --- REST --------------------------------------------------------------------------------------------
+def _request(path: str, image, fields: dict, encoding: str, request_id: str | None, timeout: float | None) -> dict:
+    headers = {"X-Request-ID": request_id} if request_id else {}
+    if timeout is not None:
+        headers["X-Request-Timeout"] = str(timeout)
+    fields = {k: v for k, v in fields.items() if v is not None}
+    data = image_bytes(image)
+    if encoding == "json":
+        body = {"image": base64.b64encode(data).decode(), **fields}
+        return {"method": "POST", "url": path, "json": body, "headers": headers}
+    form = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in fields.items()}
+    return {"method": "POST", "url": path, "files": {"image": ("image", data)}, "data": form, "headers": headers}
+
+
+def _error(r: httpx.Response) -> LoccaError:
+    try:
+        err = r.json()["error"]
+        code, message = err["code"], err["message"]
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", r.text[:200]
+    ra = r.headers.get("retry-after")
+    return LoccaError(r.status_code, code, message, float(ra) if ra else None, r.headers.get("x-request-id"))
+
+
+def _typed(path: str, body: dict):
+    if path.endswith("caption"):
+        return Caption(body["caption"], body["score"])
+    if path.endswith("refer"):
+        return Referral(body["expression"], body["box"], body["score"])
+    return [Region(r["box"], r["text"], r["score"]) for r in body["regions"]]
+
+
+class LoccaClient:
+    """Blocking REST client. `encoding`: "multipart" (default) or "json" (base64 image)."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 30.0, retries: int = 3,
+                 max_backoff: float = 10.0, encoding: str = "multipart"):
+        self.http = httpx.Client(base_url=base_url, timeout=timeout)
+        self.retries, self.max_backoff, self.encoding = retries, max_backoff, encoding
+
+    def caption(self, image, max_new_tokens: int | None = None, **kw) -> Caption:
+        return self._post("/v1/caption", image, {"max_new_tokens": max_new_tokens}, **kw)
+
+    def refer(self, image, expression: str, **kw) -> Referral:
+        return self._post("/v1/refer", image, {"expression": expression}, **kw)
+
+    def ground(self, image, box: list[float] | None = None, max_regions: int | None = None, **kw) -> list[Region]:
+        return self._post("/v1/ground", image, {"box": box, "max_regions": max_regions}, **kw)
+
+    def models(self) -> dict:
+        return self.http.get("/v1/models").raise_for_status().json()
+
+    def ready(self) -> bool:
+        return self.http.get("/readyz").status_code == 200
+
+    def _post(self, path, image, fields, request_id: str | None = None, timeout: float | None = None):
+        req = _request(path, image, fields, self.encoding, request_id, timeout)
+        for attempt in range(self.retries + 1):
+            r = self.http.request(**req)
+            if r.status_code == 200:
+                return _typed(path, r.json())
+            err = _error(r)
+            if r.status_code not in RETRY_STATUS or attempt == self.retries:
+                raise err
+            time.sleep(_delay(err.retry_after, attempt, self.max_backoff))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncLoccaClient(LoccaClient):
+    """The same calls, awaitable (httpx.AsyncClient); for load tests and async services."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 30.0, retries: int = 3,
+                 max_backoff: float = 10.0, encoding: str = "multipart", max_connections: int = 100):
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=timeout,
+                                      limits=httpx.Limits(max_connections=max_connections))
+        self.retries, self.max_backoff, self.encoding = retries, max_backoff, encoding
+
+    async def models(self) -> dict:
+        return (await self.http.get("/v1/models")).raise_for_status().json()
+
+    async def ready(self) -> bool:
+        return (await self.http.get("/readyz")).status_code == 200
+
+    async def _post(self, path, image, fields, request_id: str | None = None, timeout: float | None = None):
+        req = _request(path, image, fields, self.encoding, request_id, timeout)
+        for attempt in range(self.retries + 1):
+            r = await self.http.request(**req)
+            if r.status_code == 200:
+                return _typed(path, r.json())
+            err = _error(r)
+            if r.status_code not in RETRY_STATUS or attempt == self.retries:
+                raise err
+            await asyncio.sleep(_delay(err.retry_after, attempt, self.max_backoff))
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+
+# --- gRPC --------------------------------------------------------------------------------------------
+class LoccaGrpcClient:
+    """Blocking gRPC client over proto/locca/v1/locca.proto. `timeout` is each call's gRPC deadline."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 30.0, retries: int = 3,
+                 max_backoff: float = 10.0):
+        from . import protos  # noqa: PLC0415 (generates the stubs on first use)
+
+        self.pb, pb_grpc = protos.load()
+        self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+        self.stub = pb_grpc.LocCaStub(self.channel)
+        self.timeout, self.retries, self.max_backoff = timeout, retries, max_backoff
+
+    def caption(self, image, max_new_tokens: int | None = None, timeout: float | None = None) -> Caption:
+        r = self._call(self.stub.Caption, self.pb.CaptionRequest(image=image_bytes(image),
+                                                                 max_new_tokens=max_new_tokens or 0), timeout)
+        return Caption(r.caption, r.score)
+
+    def refer(self, image, expression: str, timeout: float | None = None) -> Referral:
+        r = self._call(self.stub.Refer, self.pb.ReferRequest(image=image_bytes(image), expression=expression), timeout)
+        return Referral(expression, _box(r.box), r.score)
+
+    def ground(self, image, box: list[float] | None = None, max_regions: int | None = None,
+               timeout: float | None = None) -> list[Region]:
+        req = self.pb.GroundRequest(image=image_bytes(image), max_regions=max_regions or 0)
+        if box is not None:
+            req.box.CopyFrom(self.pb.Box(x0=box[0], y0=box[1], x1=box[2], y1=box[3]))
+        r = self._call(self.stub.Ground, req, timeout)
+        return [Region(_box(g.box), g.text, g.score) for g in r.regions]
+
+    def _call(self, method, request, timeout: float | None):
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=timeout or self.timeout)
+            except grpc.RpcError as e:
+                trailers = dict(e.trailing_metadata() or ())
+                ra = float(trailers["retry-after"]) if "retry-after" in trailers else None
+                if e.code() not in RETRY_GRPC or attempt == self.retries:
+                    raise LoccaError(e.code().name, e.code().name.lower(), e.details() or "", ra) from None
+                time.sleep(_delay(ra, attempt, self.max_backoff))
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _box(b) -> list[float]:
+    return [b.x0, b.y0, b.x1, b.y1]

@@ -1,0 +1,129 @@
+"""The engine both transports call: admission control, deadlines, images decoded off the event loop, and
+the worker pool. REST (service/rest.py) and gRPC (service/grpc_server.py) only convert messages.
+
+Admission: at most `max_queue` requests are held at once (429 / RESOURCE_EXHAUSTED beyond, before any work is
+done), none while not ready or draining (503 / UNAVAILABLE). Deadline: the shorter of the client's and
+`request_timeout_s`, on the monotonic clock, enforced here and in the worker. Cancellation: cancelling the
+awaiting task (a REST client that went away, a gRPC deadline or cancel) aborts the job in its worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from model.config import SIZES
+
+from . import images, metrics
+from .errors import BadExpression, DeadlineExceeded, QueueFull, Unavailable
+from .jobs import Task
+from .pool import WorkerPool
+from .settings import Settings
+
+TASKS = ("caption", "refer", "ground")
+
+
+class Engine:
+    def __init__(self, settings: Settings, pool: WorkerPool, model_name: str):
+        self.settings, self.pool, self.model_name = settings, pool, model_name
+        self.limits = images.Limits(settings.max_image_bytes, settings.max_image_pixels)
+        self.executor = ThreadPoolExecutor(settings.image_threads, thread_name_prefix="locca-image")
+        self.in_flight, self.draining = 0, False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def ready(self) -> bool:
+        return self.pool.ready and not self.draining
+
+    # --- the three calls -----------------------------------------------------------------------------
+    async def caption(self, image: bytes, max_new_tokens: int | None = None, timeout: float | None = None) -> dict:
+        return await self._run(image, timeout, lambda size: Task("caption", size, max_new_tokens=max_new_tokens))
+
+    async def refer(self, image: bytes, expression: str, timeout: float | None = None) -> dict:
+        if not expression or not expression.strip():
+            raise BadExpression("the expression is empty")
+        out = await self._run(image, timeout, lambda size: Task("refer", size, expression=expression))
+        return {"expression": expression, **out}
+
+    async def ground(self, image: bytes, box: Sequence[float] | None = None, max_regions: int = 5,
+                     timeout: float | None = None) -> dict:
+        def task(size):
+            if box is None:
+                return Task("propose", size, max_regions=max_regions)
+            return Task("describe", size, box=tuple(images.check_box(box, *size)))
+        return await self._run(image, timeout, task)
+
+    async def _run(self, image: bytes, timeout: float | None, task: Callable[[tuple[int, int]], Task]) -> dict:
+        limit = self.settings.request_timeout_s if timeout is None else min(timeout, self.settings.request_timeout_s)
+        deadline = time.monotonic() + limit
+        with self._admit():
+            loop = asyncio.get_running_loop()
+            image_size = self.pool.info["config"]["image_size"]
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    pixels, size = await loop.run_in_executor(self.executor, self._load, image, image_size)
+            except TimeoutError:
+                raise DeadlineExceeded("the request's deadline passed") from None
+            return await self.pool.run(task(size), pixels, deadline)
+
+    def _load(self, data: bytes, image_size: int):
+        t0 = time.perf_counter()
+        try:
+            return images.load(data, self.limits, image_size)
+        finally:
+            metrics.IMAGE_SECONDS.observe(time.perf_counter() - t0)
+
+    @contextlib.contextmanager
+    def _admit(self):
+        retry = self.settings.retry_after_s
+        if self.draining:
+            raise Unavailable("the server is shutting down", retry_after=retry)
+        if not self.pool.ready:
+            raise Unavailable("the model is not ready yet", retry_after=retry)
+        if self.in_flight >= self.settings.max_queue:
+            raise QueueFull(f"{self.in_flight} requests are queued or running; retry later", retry_after=retry)
+        self.in_flight += 1
+        self._idle.clear()
+        metrics.IN_FLIGHT.set(self.in_flight)
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            metrics.IN_FLIGHT.set(self.in_flight)
+            if self.in_flight == 0:
+                self._idle.set()
+
+    # --- operations ----------------------------------------------------------------------------------
+    async def drain(self, timeout: float) -> bool:
+        """Stop admitting; wait for the requests in flight. True if they all finished in time."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    def model_info(self) -> dict:
+        info = self.pool.info
+        if info is None:
+            raise Unavailable("the model is not loaded yet", retry_after=self.settings.retry_after_s)
+        cfg = info["config"]
+        return {"name": self.model_name, "size": size_name(cfg), "tasks": list(TASKS),
+                "backend": info["backend"], "device": info["device"], "config": cfg,
+                "step": info["meta"].get("step")}
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def size_name(cfg: dict) -> str:
+    """The named size (model/config.py's SIZES) whose dimensions the model has, or "custom"."""
+    dims = ("image_size", "patch_size", "enc_width", "enc_depth", "enc_heads", "dec_width", "dec_depth", "dec_heads")
+    for name, size in SIZES.items():
+        if all(getattr(size, d) == cfg.get(d) for d in dims):
+            return name
+    return "custom"

@@ -1,0 +1,74 @@
+"""The one set of service errors: each knows its REST status, its gRPC code and its stable `code` string.
+
+Both transports turn a ServiceError into their own error shape (REST: `{"error": {"code", "message"}}`,
+gRPC: status code + details); nothing else decides a status.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServiceError(Exception):
+    status = 500
+    grpc_code = grpc.StatusCode.INTERNAL
+    code = "internal"
+
+    def __init__(self, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.message, self.retry_after = message, retry_after
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class BadImage(ServiceError):
+    status, grpc_code, code = 400, grpc.StatusCode.INVALID_ARGUMENT, "bad_image"
+
+
+class BadBox(ServiceError):
+    status, grpc_code, code = 400, grpc.StatusCode.INVALID_ARGUMENT, "bad_box"
+
+
+class BadExpression(ServiceError):
+    status, grpc_code, code = 400, grpc.StatusCode.INVALID_ARGUMENT, "bad_expression"
+
+
+class BadRequest(ServiceError):
+    """Well formed but impossible, e.g. a token budget too small for the task's grammar."""
+    status, grpc_code, code = 400, grpc.StatusCode.INVALID_ARGUMENT, "bad_request"
+
+
+class TooLarge(ServiceError):
+    status, grpc_code, code = 413, grpc.StatusCode.INVALID_ARGUMENT, "too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, grpc_code, code = 415, grpc.StatusCode.INVALID_ARGUMENT, "unsupported_media_type"
+
+
+class InvalidRequest(ServiceError):
+    """The request does not match the schema (missing field, wrong type, out of range)."""
+    status, grpc_code, code = 422, grpc.StatusCode.INVALID_ARGUMENT, "invalid_request"
+
+
+class QueueFull(ServiceError):
+    status, grpc_code, code = 429, grpc.StatusCode.RESOURCE_EXHAUSTED, "queue_full"
+
+
+class Unavailable(ServiceError):
+    """Not ready yet, draining, or the worker holding the request died; retrying is right."""
+    status, grpc_code, code = 503, grpc.StatusCode.UNAVAILABLE, "unavailable"
+
+
+class DeadlineExceeded(ServiceError):
+    status, grpc_code, code = 504, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline_exceeded"
+
+
+class Internal(ServiceError):
+    pass
+
+
+# Errors that cross the worker pipe travel as their `code` string.
+BY_CODE = {cls.code: cls for cls in (BadImage, BadBox, BadExpression, BadRequest, TooLarge, UnsupportedMediaType,
+                                     InvalidRequest, QueueFull, Unavailable, DeadlineExceeded, Internal)}

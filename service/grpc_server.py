@@ -1,0 +1,136 @@
+"""The gRPC transport (grpc.aio): locca.v1.LocCa from proto/locca/v1/locca.proto, grpc.health.v1 and
+server reflection. The servicer converts messages and calls the engine, nothing more.
+
+A client's deadline bounds the request (it is passed to the engine), and when the client cancels or its
+deadline passes grpc.aio cancels the handler, which aborts the job in its worker. Errors: a ServiceError's
+gRPC code and message; RESOURCE_EXHAUSTED and UNAVAILABLE carry trailing metadata `retry-after` (seconds).
+Metadata `x-request-id` is honoured and returned, as the REST header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import ValidationError
+
+from . import logs, metrics, protos
+from .engine import Engine
+from .errors import InvalidRequest, ServiceError
+from .schemas import CaptionParams, GroundParams, ReferParams
+from .settings import Settings
+
+pb, pb_grpc = protos.load()
+log = logging.getLogger("locca.grpc")
+
+
+def _box(b) -> pb.Box:
+    return pb.Box(x0=b[0], y0=b[1], x1=b[2], y1=b[3])
+
+
+def _params(model, **values):
+    try:
+        return model(**values)
+    except ValidationError as e:
+        raise InvalidRequest("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+
+
+class LoccaServicer(pb_grpc.LocCaServicer):
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    async def Caption(self, request, context):
+        async def work(timeout):
+            p = _params(CaptionParams, max_new_tokens=request.max_new_tokens or None)
+            out = await self.engine.caption(request.image, p.max_new_tokens, timeout)
+            return pb.CaptionResponse(caption=out["caption"], score=out["score"])
+        return await self._call(context, "Caption", work)
+
+    async def Refer(self, request, context):
+        async def work(timeout):
+            p = _params(ReferParams, expression=request.expression)
+            out = await self.engine.refer(request.image, p.expression, timeout)
+            return pb.ReferResponse(box=_box(out["box"]), score=out["score"])
+        return await self._call(context, "Refer", work)
+
+    async def Ground(self, request, context):
+        async def work(timeout):
+            box = None
+            if request.HasField("box"):
+                b = request.box
+                box = [b.x0, b.y0, b.x1, b.y1]
+            p = _params(GroundParams, box=box, max_regions=request.max_regions or 5)
+            out = await self.engine.ground(request.image, p.box, p.max_regions, timeout)
+            return pb.GroundResponse(regions=[pb.Region(box=_box(r["box"]), text=r["text"], score=r["score"])
+                                              for r in out["regions"]])
+        return await self._call(context, "Ground", work)
+
+    async def _call(self, context, method: str, work):
+        given = dict(context.invocation_metadata() or ()).get("x-request-id")
+        rid = logs.new_request_id(given)
+        token = logs.request_id.set(rid)
+        status, t0 = "OK", time.perf_counter()
+        try:
+            await context.send_initial_metadata((("x-request-id", rid),))
+            return await work(context.time_remaining())
+        except ServiceError as e:
+            status = e.grpc_code.name
+            if e.retry_after:
+                context.set_trailing_metadata((("retry-after", str(e.retry_after)),))
+            await context.abort(e.grpc_code, e.message)
+        except asyncio.CancelledError:
+            status = "CANCELLED"  # client cancelled, or its deadline passed: the job was aborted
+            raise
+        finally:
+            seconds = time.perf_counter() - t0
+            endpoint = f"grpc:{method}"
+            metrics.REQUESTS.labels(endpoint, status).inc()
+            metrics.REQUEST_DURATION.labels(endpoint, status).observe(seconds)
+            log.info("request", extra={"method": method, "status": status, "seconds": round(seconds, 4)})
+            logs.request_id.reset(token)
+
+
+class GrpcServer:
+    def __init__(self, engine: Engine, settings: Settings):
+        self.engine = engine
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes),
+                                               ("grpc.max_send_message_length", 16 << 20)])
+        pb_grpc.add_LocCaServicer_to_server(LoccaServicer(engine), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (protos.SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        address = f"{settings.host}:{settings.grpc_port}"
+        if not self.server.add_insecure_port(address):
+            raise OSError(f"cannot bind gRPC to {address}")
+        self._watch: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.server.start()
+        self._watch = asyncio.create_task(self._follow_readiness())
+
+    async def _follow_readiness(self) -> None:
+        """grpc.health.v1 mirrors /readyz: SERVING once warmed up, NOT_SERVING before and while draining."""
+        last = None
+        while True:
+            status = (health_pb2.HealthCheckResponse.SERVING if self.engine.ready
+                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+            if status != last:
+                for name in ("", protos.SERVICE):
+                    await self.health.set(name, status)
+                last = status
+            await asyncio.sleep(0.1)
+
+    async def stop(self, grace: float) -> None:
+        if self._watch:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)

@@ -1,0 +1,100 @@
+"""Request images and boxes: bytes -> RGB pixels under explicit limits, and request boxes checked.
+
+Only the formats of the contract are ever opened (Pillow's other plugins, some of which shell out or parse
+exotic containers, are never tried); the pixel count is checked from the header before anything is decoded.
+Runs in a thread pool, off the event loop (service/engine.py).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model.image import preprocess
+
+from .errors import BadBox, BadImage, TooLarge
+
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+WHITE = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int
+    max_pixels: int
+
+
+def decode(data: bytes, limits: Limits) -> Image.Image:
+    """Encoded image -> RGB image as displayed: EXIF orientation applied, first frame, alpha over white."""
+    if not data:
+        raise BadImage("the image is empty")
+    if len(data) > limits.max_bytes:
+        raise TooLarge(f"the image has {len(data)} bytes; the limit is {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb check (a warning at MAX_IMAGE_PIXELS) becomes an error; ours comes first anyway.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=FORMATS)
+            w, h = im.size
+            if w * h > limits.max_pixels:
+                raise TooLarge(f"the image has {w}x{h} pixels; the limit is {limits.max_pixels} pixels")
+            im.load()  # the first frame of an animation or a multi-page TIFF
+    except TooLarge:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise TooLarge(f"the image is too large to decode: {e}") from None
+    except UnidentifiedImageError:
+        raise BadImage(f"not an image in an accepted format ({', '.join(FORMATS)})") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:  # truncated or corrupt
+        raise BadImage(f"the image cannot be decoded: {e}") from None
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 (a broken EXIF block: keep the pixels as stored)
+        pass
+    return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode -> RGB. 16- and 32-bit integer images are scaled from 0..65535 (not clipped at 255);
+    transparent pixels become white rather than whatever colour they happen to store."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        if im.mode != "F" and (im.mode != "I" or a.max(initial=0) > 255):
+            a = a / 257.0
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load(data: bytes, limits: Limits, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Bytes -> the model's pixels (3, S, S) float32, and (width, height) of the image as displayed."""
+    im = decode(data, limits)
+    return preprocess(im, image_size), im.size
+
+
+def check_box(box: Sequence[float], width: int, height: int) -> list[float]:
+    """A request box in pixels of the image as displayed -> the box clipped to the image.
+
+    Rule: coordinates must be finite with x0 < x1 and y0 < y1; a box partly outside the image is clipped to
+    it; a box with nothing inside the image is refused (400 bad_box / INVALID_ARGUMENT).
+    """
+    if len(box) != 4:
+        raise BadBox(f"a box is four numbers [x0, y0, x1, y1], got {len(box)}")
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in box):
+        raise BadBox("box coordinates must be finite numbers")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x0 < x1 and y0 < y1):
+        raise BadBox(f"a box needs x0 < x1 and y0 < y1, got {[x0, y0, x1, y1]}")
+    clipped = [min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width),
+               min(max(y1, 0.0), height)]
+    if not (clipped[0] < clipped[2] and clipped[1] < clipped[3]):
+        raise BadBox(f"the box {[x0, y0, x1, y1]} lies outside the {width}x{height} image")
+    return clipped

@@ -1,0 +1,51 @@
+"""Every Prometheus metric of the server, in one place, named by the Prometheus conventions.
+
+Workers are separate processes: they count in their scheduler and ship the counts with their "stats"
+messages (service/worker.py); `record_worker_stats` turns those into the metrics below, served at /metrics
+by the one server process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+REQUESTS = Counter("locca_requests_total", "Requests answered, by endpoint and status",
+                   ["endpoint", "status"])
+REQUEST_DURATION = Histogram("locca_request_duration_seconds", "Time to answer a request, by endpoint and status",
+                             ["endpoint", "status"], buckets=LATENCY_BUCKETS)
+IN_FLIGHT = Gauge("locca_requests_in_flight", "Requests admitted and not yet answered")
+QUEUE_DEPTH = Gauge("locca_queue_depth", "Requests waiting in the workers' schedulers for their prefill")
+QUEUE_WAIT = Histogram("locca_queue_wait_seconds", "Time from arrival at a worker to the request's prefill",
+                       buckets=LATENCY_BUCKETS)
+BATCH_SIZE = Histogram("locca_batch_size", "Batch sizes: images per prefill, KV-cache rows per decode step",
+                       ["kind"], buckets=BATCH_BUCKETS)
+DECODE_STEPS = Counter("locca_decode_steps_total", "Decode steps run (one token for every running row)")
+TOKENS = Counter("locca_generated_tokens_total", "Tokens generated, counting every beam")
+ABORTED = Counter("locca_requests_aborted_total", "Requests whose work a worker stopped, by reason",
+                  ["reason"])
+WORKER_RESTARTS = Counter("locca_worker_restarts_total", "Model worker processes that died and were restarted")
+WORKERS_READY = Gauge("locca_workers_ready", "Model workers loaded, warmed up and serving")
+IMAGE_SECONDS = Histogram("locca_image_decode_seconds", "Time to decode and preprocess a request image",
+                          buckets=LATENCY_BUCKETS)
+
+
+def record_worker_stats(stats: dict, queue_depths: dict[int, int], worker: int) -> None:
+    for n in stats["prefill_sizes"]:
+        BATCH_SIZE.labels("prefill").observe(n)
+    for n in stats["decode_sizes"]:
+        BATCH_SIZE.labels("decode").observe(n)
+    for s in stats["queue_waits"]:
+        QUEUE_WAIT.observe(s)
+    DECODE_STEPS.inc(stats["decode_steps"])
+    TOKENS.inc(stats["tokens"])
+    for reason, n in stats["aborted"].items():
+        ABORTED.labels(reason).inc(n)
+    queue_depths[worker] = stats["waiting"]
+    QUEUE_DEPTH.set(sum(queue_depths.values()))
+
+
+def render() -> tuple[bytes, str]:
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,180 @@
+"""The model worker processes, seen from the server's event loop: started, fed, supervised, restarted.
+
+Each worker gets two one-way pipes. A sender thread writes to it (a request's pixels may not fit in a pipe
+buffer while the worker is busy in a model call, and the event loop must never block on that) and a reader
+thread hands its messages to the loop. The loop watches each process's sentinel: when a worker dies, every
+request it held fails at once with Unavailable (503 / UNAVAILABLE) and a new worker is started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+
+import numpy as np
+
+from . import metrics, worker
+from .errors import BY_CODE, DeadlineExceeded, Internal, Unavailable
+from .jobs import Task
+from .worker import WorkerSpec
+
+log = logging.getLogger("locca.pool")
+MAX_BACKOFF_S = 30.0
+
+
+class WorkerHandle:
+    def __init__(self, slot: int, spec: WorkerSpec, loop: asyncio.AbstractEventLoop, on_message, on_exit):
+        ctx = mp.get_context("spawn")  # never fork a process that runs threads and an event loop
+        worker_inbox, self._inbox = ctx.Pipe(duplex=False)
+        self._outbox, worker_outbox = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=worker.main, args=(worker_inbox, worker_outbox, spec),
+                                   name=f"locca-worker-{slot}", daemon=True)
+        self.process.start()
+        worker_inbox.close()   # only the worker holds these ends now: its death closes the pipes
+        worker_outbox.close()
+        self.slot, self.loop, self.on_message, self.on_exit = slot, loop, on_message, on_exit
+        self.jobs: dict[int, asyncio.Future] = {}
+        self.ready, self.info, self.started = False, None, time.monotonic()
+        self._sendq: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._send_loop, daemon=True, name=f"locca-send-{slot}").start()
+        threading.Thread(target=self._read_loop, daemon=True, name=f"locca-read-{slot}").start()
+        loop.add_reader(self.process.sentinel, self._exited)
+
+    def send(self, msg: tuple) -> None:
+        self._sendq.put(msg)
+
+    def _send_loop(self) -> None:
+        while (msg := self._sendq.get()) is not None:
+            try:
+                self._inbox.send(msg)
+            except (OSError, ValueError):
+                return  # the worker is gone; the sentinel reports it
+
+    def _read_loop(self) -> None:
+        while True:
+            try:
+                msg = self._outbox.recv()
+            except (EOFError, OSError):
+                return
+            self.loop.call_soon_threadsafe(self.on_message, self, msg)
+
+    def _exited(self) -> None:
+        self.loop.remove_reader(self.process.sentinel)
+        self._sendq.put(None)
+        self.process.join(0)
+        self.on_exit(self)
+
+
+class WorkerPool:
+    def __init__(self, specs: list[WorkerSpec], retry_after: int = 1):
+        self.specs, self.retry_after = specs, retry_after
+        self.handles: list[WorkerHandle | None] = [None] * len(specs)
+        self.failures = [0] * len(specs)     # consecutive deaths before becoming ready (crash loops back off)
+        self.info: dict | None = None        # the model as the first ready worker described it
+        self.closing = False
+        self._ids = itertools.count(1)
+        self._queue_depths: dict[int, int] = {}
+
+    def start(self) -> None:
+        for slot in range(len(self.specs)):
+            self._spawn(slot)
+
+    def _spawn(self, slot: int) -> None:
+        if self.closing:
+            return
+        spec = self.specs[slot]
+        self.handles[slot] = WorkerHandle(slot, spec, asyncio.get_running_loop(), self._on_message, self._on_exit)
+        log.info("worker started", extra={"slot": slot, "device": spec.device,
+                                          "pid": self.handles[slot].process.pid})
+
+    @property
+    def ready(self) -> bool:
+        return any(h is not None and h.ready for h in self.handles)
+
+    def _update_ready(self) -> None:
+        metrics.WORKERS_READY.set(sum(1 for h in self.handles if h is not None and h.ready))
+
+    # --- messages ------------------------------------------------------------------------------------
+    def _on_message(self, h: WorkerHandle, msg: tuple) -> None:
+        if self.handles[h.slot] is not h:
+            return  # from a worker already replaced
+        kind = msg[0]
+        if kind == "ready":
+            h.ready, h.info, self.failures[h.slot] = True, msg[1], 0
+            self.info = self.info or msg[1]
+            self._update_ready()
+        elif kind == "result":
+            self._settle(h, msg[1], result=msg[2])
+        elif kind == "error":
+            self._settle(h, msg[1], error=BY_CODE.get(msg[2], Internal)(msg[3]))
+        elif kind == "stats":
+            metrics.record_worker_stats(msg[1], self._queue_depths, h.slot)
+
+    @staticmethod
+    def _settle(h: WorkerHandle, job_id: int, result=None, error=None) -> None:
+        fut = h.jobs.pop(job_id, None)
+        if fut is None or fut.done():
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    def _on_exit(self, h: WorkerHandle) -> None:
+        was_ready, h.ready = h.ready, False
+        self._update_ready()
+        self._queue_depths.pop(h.slot, None)
+        for fut in h.jobs.values():
+            if not fut.done():
+                fut.set_exception(Unavailable("the model worker serving this request died; retry",
+                                              retry_after=self.retry_after))
+        h.jobs.clear()
+        if self.closing or self.handles[h.slot] is not h:
+            return
+        metrics.WORKER_RESTARTS.inc()
+        self.failures[h.slot] += 0 if was_ready else 1
+        delay = min(MAX_BACKOFF_S, 2.0 ** self.failures[h.slot] - 1)
+        log.error("worker died; restarting", extra={"slot": h.slot, "exitcode": h.process.exitcode,
+                                                    "restart_in_s": delay})
+        asyncio.get_running_loop().call_later(delay, self._spawn, h.slot)
+
+    # --- requests ------------------------------------------------------------------------------------
+    async def run(self, task: Task, pixels: np.ndarray, deadline: float) -> dict:
+        """Run one task on the least busy ready worker; `deadline` is on the monotonic clock. Cancelling the
+        caller (client gone, gRPC deadline) or passing the deadline aborts the job in the worker."""
+        ready = [h for h in self.handles if h is not None and h.ready]
+        if not ready:
+            raise Unavailable("no model worker is ready", retry_after=self.retry_after)
+        h = min(ready, key=lambda w: len(w.jobs))
+        job_id = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        h.jobs[job_id] = fut
+        h.send(("add", job_id, task, pixels, max(0.0, deadline - time.monotonic())))
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await fut
+        except TimeoutError:
+            h.send(("abort", job_id))
+            raise DeadlineExceeded("the request's deadline passed") from None
+        except asyncio.CancelledError:
+            h.send(("abort", job_id))
+            raise
+        finally:
+            h.jobs.pop(job_id, None)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        self.closing = True
+        handles = [h for h in self.handles if h is not None]
+        for h in handles:
+            h.send(("stop",))
+        loop = asyncio.get_running_loop()
+        for h in handles:
+            await loop.run_in_executor(None, h.process.join, timeout)
+            if h.process.is_alive():
+                h.process.kill()
+                await loop.run_in_executor(None, h.process.join, 5)

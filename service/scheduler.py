@@ -1,0 +1,175 @@
+"""The scheduler of one model worker: plain synchronous code, `add` / `schedule()` -> batch /
+`postprocess(batch, outputs)`, as nano-vllm's; the worker loop (service/worker.py) is those calls around one
+model call (service/runner.py). It never touches the model, so it is unit-tested without one.
+
+Two kinds of batch:
+    Prefill  waiting jobs, up to `max_batch` images: encode them, start one KV-cache row per job, run the
+             prompts, append the rows to the running state (dynamic batching: a job waits at most
+             `max_wait` seconds for others to share its encoder call).
+    Decode   one token for every beam of every running job (continuous, iteration-level batching over
+             KV-cache rows): jobs join after their prefill and leave as soon as they finish, so a short refer
+             never waits for a long caption.
+
+Each job's search is a `model.decoding.BeamSearch`, the same object `decode()` drives, and rows are laid out
+with the same `next_rows`: a job's output does not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model.decoding import BeamSearch, Query, next_rows
+
+
+@dataclass
+class Job:
+    id: int
+    pixels: np.ndarray            # (3, S, S) float32, the model's input
+    search: BeamSearch
+    arrival: float                # seconds (monotonic clock), when `add` was called
+    deadline: float = float("inf")
+
+    @property
+    def width(self) -> int:
+        return self.search.width
+
+
+@dataclass
+class Prefill:
+    jobs: list[Job]
+    pixels: np.ndarray            # (B, 3, S, S), image i belongs to jobs[i]
+    queries: list[Query]          # one per job, image = its index
+    base: int                     # rows of the running state kept before the new ones; 0: start a new state
+
+
+@dataclass
+class Decode:
+    jobs: list[Job]
+    src: np.ndarray               # (R,) rows of the running state to keep, in this batch's order
+    tokens: np.ndarray            # (R, 1)
+    positions: np.ndarray         # (R, 1)
+
+
+@dataclass
+class Stats:
+    """What happened since the last `take_stats()`, for the metrics (the worker ships it to the server)."""
+    prefill_sizes: list[int] = field(default_factory=list)
+    decode_sizes: list[int] = field(default_factory=list)
+    queue_waits: list[float] = field(default_factory=list)
+    decode_steps: int = 0
+    tokens: int = 0
+    aborted: dict[str, int] = field(default_factory=dict)
+
+
+class Scheduler:
+    def __init__(self, max_batch: int = 16, max_wait: float = 0.005, max_rows: int = 256):
+        self.max_batch, self.max_wait, self.max_rows = max_batch, max_wait, max_rows
+        self.waiting: list[Job] = []
+        self.running: list[Job] = []   # prefilled, in the order of their rows
+        self.rows = 0                  # rows the running state holds after the last batch
+        self.stats = Stats()
+
+    # --- requests in and out -----------------------------------------------------------------------
+    def add(self, job: Job) -> None:
+        if job.width > self.max_rows:
+            raise ValueError(f"a job of {job.width} beams cannot fit in {self.max_rows} rows")
+        self.waiting.append(job)
+
+    def abort(self, job_id: int, reason: str = "cancelled") -> Job | None:
+        """Drop a job wherever it is; its rows are simply not kept by the next batch (the work stops)."""
+        for jobs in (self.waiting, self.running):
+            for i, job in enumerate(jobs):
+                if job.id == job_id:
+                    del jobs[i]
+                    self.stats.aborted[reason] = self.stats.aborted.get(reason, 0) + 1
+                    self._maybe_empty()
+                    return job
+        return None
+
+    def expire(self, now: float) -> list[Job]:
+        """Drop and return the jobs whose deadline has passed."""
+        late = [j for j in self.waiting + self.running if j.deadline <= now]
+        for j in late:
+            self.abort(j.id, "deadline")
+        return late
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def schedule(self, now: float) -> Prefill | Decode | None:
+        prefill = self._prefill(now)
+        if prefill is not None:
+            return prefill
+        if self.running:
+            src, tokens, positions = next_rows([j.search for j in self.running])
+            return Decode(list(self.running), src, tokens, positions)
+        return None
+
+    def postprocess(self, batch: Prefill | Decode, logits: np.ndarray) -> list[Job]:
+        """Feed the model's outputs to the searches; returns the jobs that finished (`job.search.best()`)."""
+        done: list[Job] = []
+        if isinstance(batch, Prefill):  # logits (B, V): after each prompt; the rows went after `base`
+            for i, job in enumerate(batch.jobs):
+                job.search.rows = [i] * job.width  # every beam starts from the prompt's row
+                alive = job.search.advance(logits)
+                job.search.src = [batch.base + r for r in job.search.src]
+                (self.running if alive else done).append(job)
+            self.rows = batch.base + len(batch.jobs)
+        else:                           # logits (R, V): the rows of `batch.src`, in order
+            self.stats.decode_steps += 1
+            self.stats.tokens += len(batch.src)
+            self.stats.decode_sizes.append(len(batch.src))
+            self.rows = len(batch.src)
+            ids = {j.id for j in self.running}
+            for job in batch.jobs:
+                if job.id in ids and not job.search.advance(logits):
+                    done.append(job)
+            finished = {j.id for j in done}
+            self.running = [j for j in self.running if j.id not in finished]
+        self._maybe_empty()
+        return done
+
+    def reset(self) -> list[Job]:
+        """Forget every job (the model call failed); returns them so that they can be answered."""
+        jobs, self.waiting, self.running, self.rows = self.waiting + self.running, [], [], 0
+        return jobs
+
+    # --- policy --------------------------------------------------------------------------------------
+    def _prefill(self, now: float) -> Prefill | None:
+        free = self.max_rows - sum(j.width for j in self.running)
+        take: list[Job] = []
+        for job in self.waiting:
+            if len(take) == self.max_batch or job.width > free:
+                break
+            take.append(job)
+            free -= job.width
+        if not take:
+            return None
+        full = len(take) == self.max_batch or len(take) < len(self.waiting)  # waiting longer gains nothing
+        if not (full or now - self.waiting[0].arrival >= self.max_wait):
+            return None
+        self.waiting = self.waiting[len(take):]
+        for job in take:
+            self.stats.queue_waits.append(now - job.arrival)
+        self.stats.prefill_sizes.append(len(take))
+        base = self.rows if self.running else 0
+        queries = [dataclasses.replace(j.search.query, image=i) for i, j in enumerate(take)]
+        return Prefill(take, np.stack([j.pixels for j in take]), queries, base)
+
+    def next_wakeup(self, now: float) -> float | None:
+        """Seconds until the scheduler has something to do without new input (None: nothing pending)."""
+        if self.running:
+            return 0.0
+        times = [j.deadline for j in self.waiting]
+        if self.waiting:
+            times.append(self.waiting[0].arrival + self.max_wait)
+        return max(0.0, min(times) - now) if times else None
+
+    def _maybe_empty(self) -> None:
+        if not self.running:
+            self.rows = 0  # nothing refers to the running state any more: the next prefill starts a new one
+
+    def take_stats(self) -> Stats:
+        stats, self.stats = self.stats, Stats()
+        return stats

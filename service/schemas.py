@@ -1,0 +1,120 @@
+"""The REST contract as pydantic models (shared/specs/api.md); the gRPC adapter validates its numbers with
+the same `*Params` models, so both transports accept exactly the same requests.
+
+Schema violations (missing field, wrong type, out of range) are 422; well-typed but unusable values (an
+undecodable image, a bad box, an empty expression) are 400, checked by the engine.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Annotated
+
+from pydantic import BaseModel, Field, field_validator
+
+from .errors import BadImage
+
+MAX_NEW_TOKENS = 512         # the model's positions clip it further (48 for `tiny`)
+MAX_REGIONS = 32
+MAX_EXPRESSION_CHARS = 256
+
+Box = Annotated[list[float], Field(min_length=4, max_length=4, description="[x0, y0, x1, y1] in pixels of the "
+                                   "image as sent (after EXIF orientation), x0 < x1, y0 < y1")]
+IMAGE_DOC = ("the image, base64-encoded (a `data:image/...;base64,` prefix is accepted); PNG, JPEG, WebP, BMP, "
+             "GIF (first frame) or TIFF, any mode; in a multipart form: the file part `image`")
+
+
+class CaptionParams(BaseModel):
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS,
+                                       description="token budget of the caption (default: the server's, 32)")
+
+
+class ReferParams(BaseModel):
+    expression: str = Field(max_length=MAX_EXPRESSION_CHARS, description="a referring expression (non-empty)")
+
+
+class GroundParams(BaseModel):
+    box: Box | None = Field(None, description="a box to describe; without one, the model proposes regions. In "
+                            "a form: JSON text `[x0,y0,x1,y1]` or `x0,y0,x1,y1`")
+    max_regions: int = Field(5, ge=1, le=MAX_REGIONS, description="most regions proposed (without a box)")
+
+    @field_validator("box", mode="before")
+    @classmethod
+    def _box_text(cls, v):
+        """Form fields are text: accept JSON `[x0, y0, x1, y1]` or `x0,y0,x1,y1`; an empty field is no box."""
+        if not isinstance(v, str):
+            return v
+        text = v.strip()
+        if not text:
+            return None
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                raise ValueError("box is not valid JSON") from None
+        return [p.strip() for p in text.split(",")]
+
+
+class CaptionRequest(CaptionParams):
+    image: str = Field(description=IMAGE_DOC)
+
+
+class ReferRequest(ReferParams):
+    image: str = Field(description=IMAGE_DOC)
+
+
+class GroundRequest(GroundParams):
+    image: str = Field(description=IMAGE_DOC)
+
+
+class CaptionResponse(BaseModel):
+    caption: str
+    score: float = Field(description="mean log-probability of the generated tokens")
+
+
+class ReferResponse(BaseModel):
+    expression: str
+    box: Box
+    score: float = Field(description="mean log-probability of the generated tokens")
+
+
+class Region(BaseModel):
+    box: Box
+    text: str
+    score: float = Field(description="mean log-probability of the generated tokens")
+
+
+class GroundResponse(BaseModel):
+    regions: list[Region]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    size: str = Field(description="the named size (tiny, S/16, B/16, L/14) or custom")
+    tasks: list[str]
+    backend: str
+    device: str
+    config: dict[str, int | float | str] = Field(description="the model's dimensions (model/config.py ModelConfig)")
+    step: int | None = Field(None, description="training step of the checkpoint")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+_DATA_URL = re.compile(r"^data:[\w/+.\-]*(;[\w=\-]+)*;base64,", re.IGNORECASE)
+
+
+def b64_image(text: str) -> bytes:
+    try:
+        return base64.b64decode(re.sub(r"\s+", "", _DATA_URL.sub("", text, count=1)), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadImage("the image is not valid base64") from None

@@ -1,0 +1,67 @@
+"""Server settings: flags of `locca serve`, or LOCCA_* environment variables (flags win), validated once.
+
+Every field's description is its `--help` text (service/cli.py builds the flags from this class), so the
+two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOCCA_", extra="ignore", frozen=True)
+
+    # --- where ----------------------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="address the REST and gRPC servers bind to")
+    port: int = Field(8000, ge=1, le=65535, description="REST port (OpenAPI docs at /docs)")
+    grpc_port: int = Field(50051, ge=1, le=65535, description="gRPC port (locca.v1.LocCa, health, reflection)")
+
+    # --- what ---------------------------------------------------------------------------------------
+    model: str = Field("models/locca-tiny-shapes", description=(
+        "model bundle: a directory holding checkpoint.safetensors (and, for onnxruntime, onnx/manifest.json),"
+        " a checkpoint file, or an exported ONNX bundle directory"))
+    backend: Literal["onnxruntime", "torch"] = Field("onnxruntime", description=(
+        "inference backend; onnxruntime needs an exported bundle: a missing one is exported first "
+        "(see --export-if-missing), and if that is impossible the server falls back to torch and says so"))
+    export_if_missing: bool = Field(True, description=(
+        "with --backend onnxruntime and no ONNX bundle, run `locca export CHECKPOINT MODEL/onnx` at start"))
+    device: str = Field("auto", description="cpu, cuda, cuda:N, or auto (every GPU if there is one, else cpu)")
+    workers: int = Field(0, ge=0, description="model worker processes; 0 = one per GPU, or one on a CPU")
+    threads: int = Field(0, ge=0, description="intra-op threads per worker; 0 = the backend's default")
+
+    # --- batching -----------------------------------------------------------------------------------
+    max_batch_size: int = Field(16, ge=1, description="most images encoded (and prompts prefilled) together")
+    max_wait_ms: float = Field(5.0, ge=0, description=(
+        "how long a request may wait for others to share its encoder batch before it is encoded anyway"))
+    max_rows: int = Field(256, ge=8, description=(
+        "most KV-cache rows decoded together (a caption or refer takes 1 row, a region proposal 8)"))
+
+    # --- admission ----------------------------------------------------------------------------------
+    max_queue: int = Field(256, ge=1, description=(
+        "most requests held at once (being decoded or waiting); one more is answered 429 / RESOURCE_EXHAUSTED"))
+    retry_after_s: int = Field(1, ge=1, description="the Retry-After sent with 429 and 503 answers")
+    request_timeout_s: float = Field(30.0, gt=0, description=(
+        "deadline of a request that sets none; a shorter X-Request-Timeout header or gRPC deadline wins"))
+    max_body_bytes: int = Field(20 << 20, ge=1024, description="largest REST body; larger is 413")
+    max_image_bytes: int = Field(16 << 20, ge=1024, description="largest encoded image; larger is 413")
+    max_image_pixels: int = Field(40_000_000, ge=1, description=(
+        "largest width x height (decompression bombs); larger is 413 / INVALID_ARGUMENT"))
+    image_threads: int = Field(4, ge=1, description="threads decoding and preprocessing images")
+
+    # --- operations ---------------------------------------------------------------------------------
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+    warmup: bool = Field(True, description="run each task once per worker before reporting ready")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_json: bool = Field(True, description="structured JSON logs (one object a line) on stderr")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.port == self.grpc_port:
+            raise ValueError("port and grpc_port must differ")
+        if self.max_body_bytes < self.max_image_bytes:
+            raise ValueError("max_body_bytes must be at least max_image_bytes")
+        return self
