@@ -21,8 +21,34 @@ setup: $(STAMP)  ## create .venv and install the package with its dev tools
 test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest -q
 
+serve: $(STAMP)  ## serve the default model: REST :8000, gRPC :50051 (LOCCA_* variables apply; see service/README.md)
+	$(BIN)/locca serve
+
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check .
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# ---- load test and container image (loadtests/, deploy/) --------------------------------------------------
+LOCCA_URL            ?= http://127.0.0.1:8000
+LOCCA_LOADTEST_TIME  ?= 30s
+LOCCA_LOADTEST_USERS ?= 32
+LOADTEST_OUT         := loadtests/results
+IMAGE_TARGET         ?= cpu
+
+.PHONY: loadtest image
+
+loadtest: EXTRAS = dev,bench
+loadtest: $(STAMP)  ## Locust against a running server (LOCCA_URL): CSV, HTML report, plot in loadtests/results/
+	@$(BIN)/python -c "import locust" 2>/dev/null || $(BIN)/pip install --quiet -e ".[dev,bench]"
+	@$(BIN)/python -c "import httpx; httpx.get('$(LOCCA_URL)/readyz', timeout=5).raise_for_status()" 2>/dev/null \
+	  || { echo "no ready server at $(LOCCA_URL) (start one: make serve)"; exit 1; }
+	@mkdir -p $(LOADTEST_OUT)
+	@status=0; LOCCA_LOADTEST_OUT=$(LOADTEST_OUT) $(BIN)/locust -f loadtests/locustfile.py --headless --only-summary \
+	    -H $(LOCCA_URL) -u $(LOCCA_LOADTEST_USERS) -t $(LOCCA_LOADTEST_TIME) --csv $(LOADTEST_OUT)/locust \
+	    --csv-full-history --html $(LOADTEST_OUT)/report.html || status=$$?; \
+	  $(BIN)/python loadtests/plot.py $(LOADTEST_OUT) && exit $$status
+
+image:  ## build the container image (IMAGE_TARGET=cpu|gpu; deploy/build_image.sh, podman without a Docker engine)
+	deploy/build_image.sh $(IMAGE_TARGET)

@@ -41,6 +41,7 @@ def generate(proto: Path = PROTO, build: Path = BUILD) -> Path:
     if rc != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"protoc failed ({rc}) on {proto}")
+    tmp.chmod(0o755)  # mkdtemp makes it 0700: stubs generated at image build must be readable by the server's user
     try:
         os.rename(tmp, out)
     except OSError:  # another process got there first
