@@ -35,8 +35,10 @@ class Settings(BaseSettings):
 
     # --- batching -----------------------------------------------------------------------------------
     max_batch_size: int = Field(16, ge=1, description="most images encoded (and prompts prefilled) together")
-    max_wait_ms: float = Field(5.0, ge=0, description=(
-        "how long a request may wait for others to share its encoder batch before it is encoded anyway"))
+    max_wait_ms: float = Field(0.0, ge=0, description=(
+        "how long a request may wait for others to share its encoder batch before it is encoded anyway; "
+        "0 (as Triton's max_queue_delay): an idle worker starts at once, and requests that arrive while it "
+        "works are batched at its next step anyway (continuous batching)"))
     max_rows: int = Field(256, ge=8, description=(
         "most KV-cache rows decoded together (a caption or refer takes 1 row, a region proposal 8)"))
 
