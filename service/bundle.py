@@ -2,7 +2,7 @@
 
 The documented check for the ONNX bundle (LOCCA_BACKEND=onnxruntime, the default):
     1. LOCCA_MODEL itself holds manifest.json              -> serve that bundle
-    2. LOCCA_MODEL/onnx/manifest.json exists                -> serve it
+    2. LOCCA_MODEL/onnx/manifest.json exists and was exported from LOCCA_MODEL's checkpoint -> serve it
     3. else, if LOCCA_EXPORT_IF_MISSING (default true) and LOCCA_MODEL holds checkpoint.safetensors (or is
        one): run `locca export CHECKPOINT LOCCA_MODEL/onnx` once, then serve it
     4. else, or if onnxruntime or the export is unavailable or fails: log a warning saying why, and serve the
@@ -11,6 +11,8 @@ The documented check for the ONNX bundle (LOCCA_BACKEND=onnxruntime, the default
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -47,7 +49,7 @@ def resolve(settings: Settings) -> Source:
         import export.onnx_backend  # noqa: F401, PLC0415 (is the backend importable here?)
     except ImportError as e:
         return _fallback(model, f"the onnxruntime backend cannot be imported ({e})")
-    if (onnx_dir / "manifest.json").is_file():
+    if (onnx_dir / "manifest.json").is_file() and not stale(onnx_dir, model):
         return Source(str(onnx_dir), "onnxruntime")
     ckpt = checkpoint_of(model)
     if not settings.export_if_missing:
@@ -61,6 +63,21 @@ def resolve(settings: Settings) -> Source:
     if rc == 0 and (onnx_dir / "manifest.json").is_file():
         return Source(str(onnx_dir), "onnxruntime")
     return _fallback(model, f"`locca export {ckpt} {onnx_dir}` failed (exit {rc})")
+
+
+def stale(onnx_dir: Path, model: Path) -> bool:
+    """An ONNX bundle beside a checkpoint is stale when it was exported from another checkpoint (the model was
+    retrained or replaced since): it is exported again rather than served."""
+    ckpt = model if model.is_file() else model / "checkpoint.safetensors"
+    if onnx_dir == model or not ckpt.is_file():
+        return False  # a bundle given on its own is served as it is
+    source = json.loads((onnx_dir / "manifest.json").read_text()).get("source", {})
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    if source.get("sha256") != digest:
+        log.info("the ONNX bundle was exported from another checkpoint; exporting again",
+                 extra={"bundle": str(onnx_dir), "checkpoint": str(ckpt)})
+        return True
+    return False
 
 
 def _fallback(model: Path, why: str) -> Source:
