@@ -41,7 +41,10 @@ def find_checkpoint(path: str | Path) -> Path:
     return p
 
 
-def load_inference(path: str | Path, backend: str = "torch", device: str = "cpu", threads: int | None = None) -> Loaded:
+def load_inference(path: str | Path, backend: str = "torch", device: str = "cpu", threads: int | None = None,
+                   dtype: str | None = None) -> Loaded:
+    """device: "cpu" or "cuda[:i]" (torch); "cpu", "cuda[:i]", "tensorrt[:i]" or "auto" (onnxruntime).
+    dtype: torch only, "fp32" (default), "bf16" or "fp16"; an ONNX bundle's precision is fixed at export."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
@@ -50,11 +53,16 @@ def load_inference(path: str | Path, backend: str = "torch", device: str = "cpu"
         from model import checkpoint
         from model.inference import TorchInference
 
+        dtypes = {None: None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        if dtype not in dtypes:
+            raise ValueError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16")
         if threads:
             torch.set_num_threads(threads)
         bundle = checkpoint.load(find_checkpoint(path), device="cpu")
-        inf = TorchInference(bundle.model, device)
+        inf = TorchInference(bundle.model, device, dtypes[dtype])
         return Loaded(inf, bundle.tok, bundle.tasks, bundle.model.cfg, "torch", str(inf.device), bundle.meta)
+    if dtype is not None:
+        raise ValueError("an ONNX bundle's precision is chosen at export (locca export --precision)")
     from .onnx_backend import load_onnx  # noqa: PLC0415 (onnxruntime is imported only when asked for)
 
     return load_onnx(path, device=device, threads=threads)

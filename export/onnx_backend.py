@@ -1,0 +1,309 @@
+"""ONNX Runtime backend: model/inference.py's interface over an exported bundle (export/onnx_export.py).
+
+    loaded = load_onnx("models/locca-tiny-shapes/onnx", device="cpu", threads=2)
+    loaded.inference.encode(pixels) ...                     # as TorchInference
+
+Devices: "cpu", "cuda[:i]", "tensorrt[:i]" (the TensorRT EP, CUDA and CPU behind it for what it cannot take),
+or "auto": the first of those the installed onnxruntime offers. On CPU the caches are numpy arrays and a step
+is one `run` (IOBinding measured no faster there). On a GPU they are OrtValues in device memory: a step binds
+them as inputs and its present K/V as device outputs, and select / merge / start run tiny Gather / Concat /
+ConstantOfShape graphs on the device, so a cache never crosses to the host; only tokens and logits do.
+
+Dimension letters as in model/model.py; the graphs take one (B, H, S, Dh) tensor per layer and cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from model.codec import BoxCodec
+from model.config import BoxConfig, ModelConfig
+from model.tasks import Tasks
+from model.tokenizer import LoccaTokenizer
+
+from .backends import Loaded
+
+FORMAT = "locca-onnx/1"
+FILES = ("encoder.onnx", "decoder.onnx", "tokenizer.json", "config.json")
+DEVICES = ("cpu", "cuda", "tensorrt")
+
+
+def io_names(layers: int) -> dict[str, list[str]]:
+    """Input and output names of the two graphs; a name ending in _{l} is layer l's."""
+    per = lambda *stems: [f"{s}_{i}" for s in stems for i in range(layers)]  # noqa: E731
+    return {"encoder_in": ["pixels"], "encoder_out": ["visual", *per("cross_k", "cross_v")],
+            "decoder_in": ["tokens", "positions", *per("past_k", "past_v", "cross_k", "cross_v")],
+            "decoder_out": ["logits", *per("present_k", "present_v")]}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class BundleError(ValueError):
+    """An exported bundle that is missing, incomplete or corrupt."""
+
+
+@dataclass
+class OnnxBundle:
+    dir: Path
+    manifest: dict
+    cfg: ModelConfig
+    box: BoxConfig
+    meta: dict
+
+
+def read_bundle(path: str | Path) -> OnnxBundle:
+    """Read and verify a bundle: every file the manifest lists must exist and match its sha256."""
+    d = Path(path)
+    d = d.parent if d.name == "manifest.json" else d
+    if not (d / "manifest.json").is_file():
+        raise BundleError(f"no ONNX bundle at {path}: {d / 'manifest.json'} is missing (write one with "
+                          "`locca export CHECKPOINT OUT_DIR`)")
+    manifest = json.loads((d / "manifest.json").read_text())
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{d}: manifest format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for name in FILES:
+        if name not in manifest["files"]:
+            raise BundleError(f"{d}: the manifest lists no {name}")
+    for name, digest in manifest["files"].items():
+        f = d / name
+        if not f.is_file():
+            raise BundleError(f"{d}: {name} is missing (the manifest lists it); re-export the bundle")
+        if sha256(f) != digest:
+            raise BundleError(f"{d}: {name} does not match its sha256 in manifest.json (corrupt or "
+                              "modified); re-export the bundle")
+    config = json.loads((d / "config.json").read_text())
+    return OnnxBundle(d, manifest, ModelConfig(**config["model_config"]), BoxConfig(**config["box_config"]),
+                      config.get("meta", {}))
+
+
+def resolve_device(device: str) -> tuple[str, int]:
+    """'auto' | 'cpu' | 'cuda[:i]' | 'tensorrt[:i]' -> (kind, index), checked against the installed providers."""
+    have = ort.get_available_providers()
+    if device == "auto":
+        kind = next(k for k, p in (("tensorrt", "TensorrtExecutionProvider"), ("cuda", "CUDAExecutionProvider"),
+                                   ("cpu", "CPUExecutionProvider")) if p in have)
+        return kind, 0
+    kind, _, index = device.partition(":")
+    if kind not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose auto, cpu, cuda[:i] or tensorrt[:i]")
+    need = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+    if need[kind] not in have:
+        raise ValueError(f"device {device!r} needs onnxruntime's {need[kind]}, which this install lacks "
+                         f"(available: {', '.join(have)}); install onnxruntime-gpu (pip install .[gpu])")
+    return kind, int(index or 0)
+
+
+def providers_for(kind: str, index: int, trt_options: dict | None = None) -> list:
+    cuda = ("CUDAExecutionProvider", {"device_id": index})
+    if kind == "cpu":
+        return ["CPUExecutionProvider"]
+    if kind == "cuda":
+        return [cuda, "CPUExecutionProvider"]
+    return [("TensorrtExecutionProvider", {"device_id": index, **(trt_options or {})}), cuda,
+            "CPUExecutionProvider"]
+
+
+def session_options(threads: int | None = None, inter_threads: int | None = None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # fusions: LayerNorm, Gelu, MatMul+scale
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # the graphs are one chain: nothing to run in parallel
+    so.intra_op_num_threads = threads or 0   # 0: onnxruntime's default (one per physical core)
+    so.inter_op_num_threads = inter_threads or 0
+    so.log_severity_level = 3
+    return so
+
+
+@dataclass
+class OrtCross:
+    k: list  # L x (B, H, N, Dh): numpy on CPU, OrtValue on a GPU
+    v: list
+
+
+@dataclass
+class OrtState:
+    cache_k: list  # L x (R, H, S, Dh)
+    cache_v: list
+    cross_k: list  # L x (R, H, N, Dh): each row's image
+    cross_v: list
+
+    @property
+    def rows(self) -> int:
+        x = self.cache_k[0]
+        return x.shape[0] if isinstance(x, np.ndarray) else x.shape()[0]
+
+    def tensors(self) -> list:
+        return [*self.cache_k, *self.cache_v, *self.cross_k, *self.cross_v]
+
+    @classmethod
+    def of(cls, tensors: list) -> OrtState:
+        L = len(tensors) // 4
+        return cls(*(tensors[i * L:(i + 1) * L] for i in range(4)))
+
+
+class OnnxInference:
+    """model/inference.py's interface on ONNX Runtime.
+
+    io_binding: keep caches as OrtValues and bind them (default: on GPUs only; on CPU it exists so that the
+    GPU code path is tested without a GPU). trt_options: TensorRT EP options per graph, {"encoder": {...},
+    "decoder": {...}} (default: export/trt_build.py's profiles, fp16 and engine cache for this bundle).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, bundle: OnnxBundle | str | Path, device: str = "cpu", threads: int | None = None,
+                 inter_threads: int | None = None, trt_options: dict | None = None,
+                 io_binding: bool | None = None):
+        self.bundle = bundle if isinstance(bundle, OnnxBundle) else read_bundle(bundle)
+        self.cfg: ModelConfig = self.bundle.cfg
+        self.kind, self.index = resolve_device(device)
+        if self.kind == "tensorrt" and trt_options is None:
+            from .trt_build import trt_provider_options  # noqa: PLC0415
+            trt_options = trt_provider_options(self.bundle)
+        so = session_options(threads, inter_threads)
+        self.encoder, self.decoder = (
+            ort.InferenceSession(str(self.bundle.dir / f"{g}.onnx"), so,
+                                 providers=providers_for(self.kind, self.index, (trt_options or {}).get(g)))
+            for g in ("encoder", "decoder"))
+        self.names = io_names(self.cfg.dec_depth)
+        self.dtype = np.float16 if "float16" in self.decoder.get_inputs()[2].type else np.float32
+        bind = self.kind != "cpu" if io_binding is None else io_binding
+        self.mem = _Bound(self.kind, self.index, self.dtype) if bind else _Host(self.dtype)
+
+    @property
+    def device(self) -> str:
+        return self.kind if self.kind == "cpu" else f"{self.kind}:{self.index}"
+
+    def encode(self, pixels: np.ndarray) -> OrtCross:
+        out = self.mem.run(self.encoder, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)},
+                           self.names["encoder_out"][1:])  # the visual tokens stay inside the graph
+        L = self.cfg.dec_depth
+        return OrtCross(out[:L], out[L:])
+
+    def start(self, cross: OrtCross, images: np.ndarray, slots: int | None = None) -> OrtState:
+        c = self.cfg
+        shape = (len(images), c.dec_heads, slots or c.max_seq_len, c.dec_width // c.dec_heads)
+        return OrtState.of([*self.mem.zeros(shape, 2 * c.dec_depth),
+                            *self.mem.take(cross.k + cross.v, np.asarray(images, dtype=np.int64))])
+
+    def step(self, state: OrtState, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        feed = dict(zip(self.names["decoder_in"][2:], state.tensors(), strict=True))
+        feed["tokens"] = np.asarray(tokens, dtype=np.int64)
+        feed["positions"] = np.asarray(positions, dtype=np.int64)
+        out = self.mem.run(self.decoder, feed, self.names["decoder_out"], host={"logits"})
+        L = self.cfg.dec_depth
+        state.cache_k, state.cache_v = out[1:1 + L], out[1 + L:]
+        return self.mem.numpy(out[0])
+
+    def select(self, state: OrtState, rows: np.ndarray) -> None:
+        idx = np.asarray(rows, dtype=np.int64)
+        if len(idx) == state.rows and (idx == np.arange(len(idx))).all():
+            return  # every row in place (greedy search while all sequences run): nothing to move
+        new = OrtState.of(self.mem.take(state.tensors(), idx))
+        state.cache_k, state.cache_v, state.cross_k, state.cross_v = new.cache_k, new.cache_v, new.cross_k, new.cross_v
+
+    def merge(self, a: OrtState, b: OrtState) -> OrtState:
+        return OrtState.of(self.mem.cat(a.tensors(), b.tensors()))
+
+
+class _Host:
+    """Caches as numpy arrays (CPU EP): row operations are numpy's, a step is a plain `run`."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def run(self, sess, feed: dict, outputs: list[str], host=frozenset()) -> list:
+        return sess.run(outputs, feed)
+
+    def numpy(self, x) -> np.ndarray:
+        return x
+
+    def take(self, xs: list, idx: np.ndarray) -> list:
+        return [x[idx] for x in xs]
+
+    def cat(self, a: list, b: list) -> list:
+        return [np.concatenate([x, y]) for x, y in zip(a, b, strict=True)]
+
+    def zeros(self, shape: tuple, n: int) -> list:
+        return [np.zeros(shape, self.dtype) for _ in range(n)]
+
+
+class _Bound:
+    """Caches as OrtValues in device memory: steps bind them (IOBinding); row operations are tiny
+    Gather / Concat / ConstantOfShape graphs run on the device."""
+
+    def __init__(self, kind: str, index: int, dtype):
+        self.device = ("cpu", 0) if kind == "cpu" else ("cuda", index)  # TensorRT's memory is CUDA memory
+        self.providers = providers_for("cpu" if kind == "cpu" else "cuda", index)
+        self.dtype, self.graphs = dtype, {}
+
+    def run(self, sess, feed: dict, outputs: list[str], host=frozenset()) -> list:
+        io = sess.io_binding()
+        for name, x in feed.items():
+            if isinstance(x, np.ndarray):
+                io.bind_cpu_input(name, x)  # copied to the device by onnxruntime
+            else:
+                io.bind_ortvalue_input(name, x)
+        for name in outputs:
+            io.bind_output(name, *(("cpu", 0) if name in host else self.device))
+        sess.run_with_iobinding(io)
+        return io.get_outputs()
+
+    def numpy(self, x) -> np.ndarray:
+        return x.numpy()
+
+    def take(self, xs: list, idx: np.ndarray) -> list:
+        return self._op("Gather", len(xs), xs, {"idx": idx})
+
+    def cat(self, a: list, b: list) -> list:
+        return self._op("Concat", len(a), a + b, {})
+
+    def zeros(self, shape: tuple, n: int) -> list:
+        return self._op("ConstantOfShape", n, [], {"shape": np.array(shape, dtype=np.int64)})
+
+    def _op(self, op: str, n: int, xs: list, extra: dict) -> list:
+        if (op, n) not in self.graphs:
+            self.graphs[op, n] = ort.InferenceSession(_row_graph(op, n, self.dtype), providers=self.providers)
+        feed = {f"x{i}": x for i, x in enumerate(xs)} | extra
+        return self.run(self.graphs[op, n], feed, [f"y{i}" for i in range(n)])
+
+
+def _row_graph(op: str, n: int, dtype) -> bytes:
+    """A graph of n independent ops along axis 0 (rows): Gather(x_i, idx), Concat(x_i, x_{n+i}) or zeros."""
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    t = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    x = lambda name: helper.make_tensor_value_info(name, t, [None] * 4)  # noqa: E731
+    ins, nodes = [], []
+    if op == "Gather":
+        ins = [x(f"x{i}") for i in range(n)] + [helper.make_tensor_value_info("idx", TensorProto.INT64, [None])]
+        nodes = [helper.make_node("Gather", [f"x{i}", "idx"], [f"y{i}"], axis=0) for i in range(n)]
+    elif op == "Concat":
+        ins = [x(f"x{i}") for i in range(2 * n)]
+        nodes = [helper.make_node("Concat", [f"x{i}", f"x{n + i}"], [f"y{i}"], axis=0) for i in range(n)]
+    else:
+        ins = [helper.make_tensor_value_info("shape", TensorProto.INT64, [4])]
+        zero = helper.make_tensor("zero", t, [1], [0])
+        nodes = [helper.make_node("ConstantOfShape", ["shape"], [f"y{i}"], value=zero) for i in range(n)]
+    graph = helper.make_graph(nodes, f"rows_{op}", ins, [x(f"y{i}") for i in range(n)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10).SerializeToString()
+
+
+def load_onnx(path: str | Path, device: str = "cpu", threads: int | None = None) -> Loaded:
+    bundle = read_bundle(path)
+    inf = OnnxInference(bundle, device, threads)
+    tok = LoccaTokenizer.load(bundle.dir / "tokenizer.json")
+    tasks = Tasks(tok, BoxCodec(bundle.box, tok.loc_offset))
+    meta = {**bundle.meta, "precision": bundle.manifest.get("precision")}
+    return Loaded(inf, tok, tasks, bundle.cfg, "onnxruntime", inf.device, meta)

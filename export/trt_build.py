@@ -1,0 +1,115 @@
+"""TensorRT through ONNX Runtime's TensorRT EP: optimisation profiles, fp16, an engine cache, and a script that
+builds the engines of a bundle on a GPU machine and checks them against the CPU fp32 outputs.
+
+    python -m export.trt_build models/locca-tiny-shapes/onnx --max-batch 64      # on a machine with a GPU
+
+Needs onnxruntime-gpu and TensorRT's libraries (pip install .[gpu] tensorrt-cu12, versions matching the
+onnxruntime release: see its TensorRT EP requirements table). A TensorRT engine is built per graph for shape
+ranges fixed in advance: one profile per graph, from 1 row to `max_batch` rows (batch), 1 token to S tokens,
+and 1 to S cache slots, with the optimum at `opt_batch` rows, one token and S slots (a decode step, the
+call that dominates). Engines and the timing cache land in `cache_dir` (default: the bundle's trt_cache/)
+and are reused while the graphs, profiles and TensorRT version are unchanged. The first load builds them
+(minutes); the script exists so that this happens at deploy time, not on a user's first request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .onnx_backend import OnnxBundle, OnnxInference, io_names, read_bundle
+
+
+def _shapes(dims: dict[str, tuple]) -> str:
+    return ",".join(f"{name}:{'x'.join(str(d) for d in shape)}" for name, shape in dims.items())
+
+
+def profiles(bundle: OnnxBundle, rows: int, tokens: int, slots: int | None = None) -> dict[str, dict]:
+    """Every dynamic input of each graph at one point of the profile: rows, tokens, cache slots."""
+    c = bundle.cfg
+    H, Dh, N, px = c.dec_heads, c.dec_width // c.dec_heads, c.num_patches, c.image_size
+    S = slots or c.max_seq_len
+    names = io_names(c.dec_depth)
+    dec = {"tokens": (rows, tokens), "positions": (rows, tokens)}
+    for name in names["decoder_in"][2:]:
+        dec[name] = (rows, H, S if name.startswith("past") else N, Dh)
+    return {"encoder": {"pixels": (rows, 3, px, px)}, "decoder": dec}
+
+
+def trt_provider_options(bundle: OnnxBundle, max_batch: int = 64, opt_batch: int = 8, fp16: bool = True,
+                         cache_dir: str | Path | None = None) -> dict[str, dict]:
+    """TensorRT EP options per graph ({"encoder": ..., "decoder": ...}) for OnnxInference(trt_options=...)."""
+    S = bundle.cfg.max_seq_len
+    lo, opt, hi = profiles(bundle, 1, 1, 1), profiles(bundle, opt_batch, 1, S), profiles(bundle, max_batch, S, S)
+    cache = Path(cache_dir or bundle.dir / "trt_cache")
+    cache.mkdir(parents=True, exist_ok=True)
+    common = {"trt_fp16_enable": fp16 or bundle.manifest["precision"] == "fp16",
+              "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+              "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+              "trt_max_workspace_size": 4 << 30}
+    return {g: {**common, "trt_profile_min_shapes": _shapes(lo[g]), "trt_profile_opt_shapes": _shapes(opt[g]),
+                "trt_profile_max_shapes": _shapes(hi[g])} for g in ("encoder", "decoder")}
+
+
+def run_story(inf, pixels: np.ndarray, seed: int = 0) -> list[np.ndarray]:
+    """Encode, prefill at batch len(pixels), select, then decode steps at mixed positions: every logits."""
+    rng, c = np.random.default_rng(seed), inf.cfg
+    B, out = len(pixels), []
+    state = inf.start(inf.encode(pixels), np.arange(B))
+    out.append(inf.step(state, rng.integers(0, c.vocab_size, (B, 4)), np.tile(np.arange(4), (B, 1))))
+    inf.select(state, np.arange(B)[::-1])
+    for p in range(4, 12):
+        out.append(inf.step(state, rng.integers(0, c.vocab_size, (B, 1)), np.full((B, 1), p) + np.arange(B)[:, None] % 3))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", help="an fp32 (or fp16) bundle directory written by `locca export`")
+    p.add_argument("--max-batch", type=int, default=64, help="largest batch (rows) the engines accept")
+    p.add_argument("--opt-batch", type=int, default=8, help="batch the engines are tuned for")
+    p.add_argument("--no-fp16", action="store_true", help="build fp32 engines")
+    p.add_argument("--cache-dir", default=None, help="engine and timing cache (default: BUNDLE/trt_cache)")
+    p.add_argument("--device", default="tensorrt", help="tensorrt[:i] (default) or cuda[:i] to check the CUDA EP")
+    p.add_argument("--tol", type=float, default=None, help="largest |logits - CPU fp32| accepted "
+                   "(default 1e-3 for fp32 engines, 5e-2 for fp16)")
+    p.add_argument("--json", default=None, help="also write the report here")
+    args = p.parse_args(argv)
+
+    bundle = read_bundle(args.bundle)
+    fp16 = not args.no_fp16 or bundle.manifest["precision"] == "fp16"
+    trt = trt_provider_options(bundle, args.max_batch, args.opt_batch, fp16, args.cache_dir) \
+        if args.device.startswith("tensorrt") else None
+    t0 = time.perf_counter()
+    gpu = OnnxInference(bundle, device=args.device, trt_options=trt)
+    report = {"device": gpu.device, "fp16": fp16, "providers": gpu.decoder.get_providers(),
+              "build_s": time.perf_counter() - t0, "batches": {}}
+    cpu = OnnxInference(bundle, device="cpu")
+    tol = args.tol or (5e-2 if fp16 else 1e-3)
+    ok = True
+    for B in sorted({1, args.opt_batch, args.max_batch}):
+        c = bundle.cfg
+        px = np.random.default_rng(B).standard_normal((B, 3, c.image_size, c.image_size)).astype(np.float32)
+        run_story(gpu, px)  # warm-up: first calls at a new shape allocate
+        t1 = time.perf_counter()
+        got = run_story(gpu, px)
+        dt = (time.perf_counter() - t1) / len(got)
+        ref = run_story(cpu, px)
+        err = max(float(np.abs(a - b).max()) for a, b in zip(got, ref, strict=True))
+        argmax = float(np.mean([(a.argmax(-1) == b.argmax(-1)).mean() for a, b in zip(got, ref, strict=True)]))
+        report["batches"][B] = {"max_abs_logit_diff": err, "argmax_agreement": argmax, "ms_per_call": 1e3 * dt}
+        ok &= err <= tol
+    report["ok"], report["tol"] = ok, tol
+    print(json.dumps(report, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
