@@ -4,12 +4,15 @@ Each POST takes `multipart/form-data` (file part `image`, other fields as form f
 (the image base64-encoded); anything else is 415. The body is read under `max_body_bytes` (413). A client
 that disconnects while its request is queued or decoding cancels it: the engine aborts the job in its worker.
 Optional header `X-Request-Timeout` (seconds) shortens the request's deadline (504 when it passes).
+`render=png` (query parameter or field) answers with the image and the answer drawn on it (service/render.py);
+the demo page is at `/` (service/demo.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 
@@ -18,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import logs, metrics
+from . import demo, logs, metrics, render
 from . import schemas as api
 from .body import body_doc, client_timeout, read_request
 from .engine import Engine
@@ -33,6 +36,8 @@ ERRORS = {s: {"model": api.ErrorResponse, "description": d} for s, d in [
     (400, "undecodable image, bad box or empty expression"), (413, "body or image over the limits"),
     (415, "unsupported content type"), (422, "request does not match the schema"),
     (429, "queue full (see Retry-After)"), (503, "not ready or draining"), (504, "the request's deadline passed")]}
+PNG = {200: {"content": {"image/png": {}},
+             "description": "the answer (JSON), or with render=png the image with the answer drawn on it"}}
 
 
 class ClientGone(Exception):
@@ -107,6 +112,21 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         "shared/specs/api.md; gRPC: proto/locca/v1/locca.proto on the gRPC port."))
     app.add_middleware(RequestContext)
     limit = settings.max_body_bytes
+    demo.add_routes(app)
+
+    async def answer(request: Request, p, image: bytes, task: str, work):
+        """Await the engine's answer: JSON, or with render=png (query parameter or field) the image with the
+        answer drawn on it; the image is decoded again, under the same limits, off the event loop."""
+        how = request.query_params.get("render") or p.render or "json"
+        if how not in ("json", "png"):
+            work.close()  # the engine's coroutine, never started
+            raise InvalidRequest(f"render must be json or png, not {how!r}")
+        result = await until_disconnect(request, work)
+        if how == "json":
+            return result
+        png = await asyncio.get_running_loop().run_in_executor(
+            engine.executor, render.render_png, image, task, result, engine.limits)
+        return Response(png, media_type="image/png", headers={"X-Locca-Result": json.dumps(result)})
 
     @app.exception_handler(ServiceError)
     async def _service_error(_, e: ServiceError):
@@ -125,24 +145,27 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
         return JSONResponse({"error": {"code": code, "message": str(e.detail)}}, status_code=e.status_code)
 
-    @app.post("/v1/caption", response_model=api.CaptionResponse, responses=ERRORS,
+    @app.post("/v1/caption", response_model=api.CaptionResponse, responses={**ERRORS, **PNG},
               openapi_extra=body_doc(api.CaptionRequest), summary="Caption an image")
     async def caption(request: Request):
         p, image = await read_request(request, api.CaptionRequest, api.CaptionParams, limit)
-        return await until_disconnect(request, engine.caption(image, p.max_new_tokens, client_timeout(request)))
+        work = engine.caption(image, p.max_new_tokens, client_timeout(request))
+        return await answer(request, p, image, "caption", work)
 
-    @app.post("/v1/refer", response_model=api.ReferResponse, responses=ERRORS,
+    @app.post("/v1/refer", response_model=api.ReferResponse, responses={**ERRORS, **PNG},
               openapi_extra=body_doc(api.ReferRequest), summary="Find the box a referring expression names")
     async def refer(request: Request):
         p, image = await read_request(request, api.ReferRequest, api.ReferParams, limit)
-        return await until_disconnect(request, engine.refer(image, p.expression, client_timeout(request)))
+        work = engine.refer(image, p.expression, client_timeout(request))
+        return await answer(request, p, image, "refer", work)
 
-    @app.post("/v1/ground", response_model=api.GroundResponse, responses=ERRORS,
+    @app.post("/v1/ground", response_model=api.GroundResponse, responses={**ERRORS, **PNG},
               openapi_extra=body_doc(api.GroundRequest),
               summary="Describe a box, or propose regions and describe them")
     async def ground(request: Request):
         p, image = await read_request(request, api.GroundRequest, api.GroundParams, limit)
-        return await until_disconnect(request, engine.ground(image, p.box, p.max_regions, client_timeout(request)))
+        work = engine.ground(image, p.box, p.max_regions, client_timeout(request))
+        return await answer(request, p, image, "ground", work)
 
     @app.get("/v1/models", response_model=api.ModelInfo, responses={503: ERRORS[503]}, summary="The served model")
     async def models():

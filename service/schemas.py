@@ -11,7 +11,7 @@ import base64
 import binascii
 import json
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -23,6 +23,9 @@ MAX_EXPRESSION_CHARS = 256
 
 Box = Annotated[list[float], Field(min_length=4, max_length=4, description="[x0, y0, x1, y1] in pixels of the "
                                    "image as sent (after EXIF orientation), x0 < x1, y0 < y1")]
+Render = Annotated[Literal["json", "png"] | None, Field(description=(
+    "`png`: answer with the image and the answer drawn on it (image/png, the JSON answer in the X-Locca-Result "
+    "header) instead of JSON; also accepted as the query parameter `?render=png`"))]
 IMAGE_DOC = ("the image, base64-encoded (a `data:image/...;base64,` prefix is accepted); PNG, JPEG, WebP, BMP, "
              "GIF (first frame) or TIFF, any mode; in a multipart form: the file part `image`")
 
@@ -30,16 +33,19 @@ IMAGE_DOC = ("the image, base64-encoded (a `data:image/...;base64,` prefix is ac
 class CaptionParams(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS,
                                        description="token budget of the caption (default: the server's, 32)")
+    render: Render = None
 
 
 class ReferParams(BaseModel):
     expression: str = Field(max_length=MAX_EXPRESSION_CHARS, description="a referring expression (non-empty)")
+    render: Render = None
 
 
 class GroundParams(BaseModel):
     box: Box | None = Field(None, description="a box to describe; without one, the model proposes regions. In "
                             "a form: JSON text `[x0,y0,x1,y1]` or `x0,y0,x1,y1`")
     max_regions: int = Field(5, ge=1, le=MAX_REGIONS, description="most regions proposed (without a box)")
+    render: Render = None
 
     @field_validator("box", mode="before")
     @classmethod
