@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": ("model.evaluate", "evaluate a checkpoint on held-out shapes-world scenes"),
     "export": ("export.onnx_export", "export a checkpoint to an ONNX bundle (encoder, KV-cache decoder, manifest)"),
     "serve": ("service.cli", "serve a model: REST and gRPC, continuous batching, supervised model workers"),
+    "predict": ("service.predict", "caption, refer or ground one image, here or via --url: JSON and a drawing"),
     "data": ("model.data_cli", "write shapes-world data sets; convert COCO / RefCOCO annotations"),
 }
 

@@ -1,0 +1,92 @@
+"""`locca predict` (service/predict.py): the model in this process and a real server (--url) give the same
+answer, printed as the REST contract's JSON, and the annotated PNG has the answer's boxes on their pixels."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from locca.cli import main
+from model.shapes import generate_scene
+from service import launch, render
+
+MODEL = "models/locca-tiny-shapes"
+
+
+@pytest.fixture(scope="module")
+def scene_png(tmp_path_factory):
+    scene = generate_scene(0)  # 365 x 313, four objects
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    scene.image.save(path)
+    return scene, path
+
+
+def predict(capsys, *argv) -> tuple[int, dict | None, str]:
+    code = main(["predict", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+def test_local_every_task_and_the_drawing(capsys, scene_png, tmp_path):
+    scene, path = scene_png
+    expression = scene.expressions[0]
+    code, refer, _ = predict(capsys, path, "--task", "refer", "--expression", expression, "--model", MODEL,
+                             "--out", tmp_path / "refer.png")
+    assert code == 0 and set(refer) == {"expression", "box", "score"} and refer["expression"] == expression
+    x0, y0, x1, y1 = refer["box"]
+    assert 0 <= x0 < x1 <= scene.width and 0 <= y0 < y1 <= scene.height
+    drawn = Image.open(tmp_path / "refer.png")
+    assert drawn.size == scene.image.size and json.loads(drawn.text["locca:result"]) == refer
+    c0, r0, c1, r1 = render.pixel_box(refer["box"], *drawn.size)
+    rgb = drawn.convert("RGB")
+    assert rgb.getpixel((c0, (r0 + r1) // 2)) == rgb.getpixel((c1, (r0 + r1) // 2)) == render.PALETTE[0]
+
+    code, caption, _ = predict(capsys, path, "--task", "caption", "--model", MODEL, "--max-new-tokens", 24)
+    assert code == 0 and set(caption) == {"caption", "score"} and caption["caption"]
+
+    code, ground, _ = predict(capsys, path, "--task", "ground", "--box", "10,20,80,90", "--model", MODEL,
+                              "--out", tmp_path / "ground.png")
+    assert code == 0 and len(ground["regions"]) == 1 and ground["regions"][0]["box"] == [10, 20, 80, 90]
+    assert Image.open(tmp_path / "ground.png").convert("RGB").getpixel((10, 55)) == render.PALETTE[0]
+
+    code, proposals, _ = predict(capsys, path, "--task", "ground", "--max-regions", 3, "--model", MODEL)
+    assert code == 0 and 1 <= len(proposals["regions"]) <= 3
+    assert all(set(r) == {"box", "text", "score"} for r in proposals["regions"])
+
+
+def test_usage_errors(capsys, scene_png, tmp_path):
+    _, path = scene_png
+    code, _, err = predict(capsys, path, "--task", "refer", "--model", MODEL)
+    assert code == 2 and "--expression" in err
+    code, _, err = predict(capsys, path, "--task", "ground", "--box", "1,2,3", "--model", MODEL)
+    assert code == 2 and "four numbers" in err
+    code, _, err = predict(capsys, tmp_path / "missing.png", "--model", MODEL)
+    assert code == 2 and "missing.png" in err
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    code, _, err = predict(capsys, tmp_path / "junk.png", "--model", MODEL)
+    assert code == 2 and "not an image" in err
+    code, _, err = predict(capsys, path, "--url", "http://127.0.0.1:9")  # nothing listens on the discard port
+    assert code == 2 and "no answer from" in err
+    with pytest.raises(SystemExit):
+        main(["predict", str(path), "--task", "segment"])
+
+
+def test_url_mode_gives_the_local_answer(capsys, scene_png, tmp_path, tmp_path_factory):
+    scene, path = scene_png
+    asks = [("--task", "refer", "--expression", scene.expressions[1]), ("--task", "caption"),
+            ("--task", "ground", "--max-regions", 2)]
+    here = [predict(capsys, path, *ask, "--model", MODEL)[1] for ask in asks]
+    with launch.launch(tmp_path_factory.mktemp("log") / "serve.log", model=MODEL, backend="torch",
+                       threads=1) as server:
+        there = []
+        for ask in asks:
+            code, answer, err = predict(capsys, path, *ask, "--url", server.url, "--out", tmp_path / "url.png")
+            assert code == 0, err
+            there.append(answer)
+        code, _, err = predict(capsys, path, "--task", "ground", "--box", "0,0,0,0", "--url", server.url)
+        assert code == 2 and "bad_box" in err  # the server's error, passed on
+    assert there[0]["box"] == pytest.approx(here[0]["box"]) and there[0]["expression"] == here[0]["expression"]
+    assert there[1]["caption"] == here[1]["caption"] and there[1]["score"] == pytest.approx(here[1]["score"], abs=1e-3)
+    assert [r["text"] for r in there[2]["regions"]] == [r["text"] for r in here[2]["regions"]]
+    drawn = Image.open(tmp_path / "url.png")  # the last one: ground, drawn from the server's answer
+    assert json.loads(drawn.text["locca:result"]) == there[2]
