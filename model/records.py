@@ -30,7 +30,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from model.shapes import generate_scene, scene_to_record
+from model.shapes import MAX_OBJECTS, generate_scene, sample_scene, scene_to_record
 
 
 class RecordError(ValueError):
@@ -187,9 +187,29 @@ class ShapesStream(IterableDataset):
         batch_size: int = 1,
         rank: int | None = None,
         world_size: int | None = None,
+        curriculum_scenes: int = 0,
     ):
         self.seed_offset, self.num_scenes = seed_offset, num_scenes
         self.sharding = _Sharding(start, batch_size, rank, world_size)
+        self.curriculum_scenes = curriculum_scenes
+
+    def max_objects(self, i: int) -> int:
+        """Curriculum: scene i has at most 1 object at the start, growing linearly to all of the spec's range
+        over the first `curriculum_scenes` scenes (issue 4: few objects first)."""
+        if i >= self.curriculum_scenes:
+            return MAX_OBJECTS
+        return min(MAX_OBJECTS, 1 + MAX_OBJECTS * i // self.curriculum_scenes)
+
+    def scene(self, i: int):
+        """Scene i of the stream: `generate_scene(seed_offset + i)`, or under the curriculum the first of the
+        scenes seeded (seed_offset + i, j), j = 0, 1, ..., with few enough objects (a pure function of i)."""
+        limit = self.max_objects(i)
+        if limit >= MAX_OBJECTS:
+            return generate_scene(self.seed_offset + i)
+        j = 0
+        while len(sample_scene(np.random.default_rng([self.seed_offset + i, j]), render_image=False).objects) > limit:
+            j += 1
+        return sample_scene(np.random.default_rng([self.seed_offset + i, j]))
 
     def indices(self, worker: int | None = None, num_workers: int | None = None) -> Iterator[int]:
         """Scene indices this shard yields (worker info from the DataLoader unless given)."""
@@ -197,7 +217,7 @@ class ShapesStream(IterableDataset):
 
     def __iter__(self):
         for i in self.indices():
-            scene = generate_scene(self.seed_offset + i)
+            scene = self.scene(i)
             regions = [
                 {"box": [float(v) for v in obj.box], "expression": expr}
                 for obj, expr in zip(scene.objects, scene.expressions, strict=True)

@@ -80,7 +80,8 @@ def corpus(cfg: TrainConfig):
 
 def dataset(cfg: TrainConfig, start: int, local_batch: int):
     if cfg.data == "shapes":
-        return ShapesStream(TRAIN_SEED_OFFSET, start=start, batch_size=local_batch)
+        return ShapesStream(TRAIN_SEED_OFFSET, start=start, batch_size=local_batch,
+                            curriculum_scenes=cfg.curriculum_steps * cfg.batch_size)
     return RecordsDataset(cfg.data, shuffle_seed=cfg.seed, start=start, batch_size=local_batch)
 
 
@@ -150,14 +151,24 @@ def train(cfg: TrainConfig, out: str | Path, stop_after: int | None = None, time
     else:
         if lead:
             run.config.write_text(json.dumps(_jsonable(cfg), indent=1))
-            LoccaTokenizer.train(corpus(cfg), cfg.vocab_size, cfg.box.bins).save(run.tokenizer)
+            if cfg.init_from:
+                checkpoint.load(cfg.init_from).tok.save(run.tokenizer)
+            else:
+                LoccaTokenizer.train(corpus(cfg), cfg.vocab_size, cfg.box.bins).save(run.tokenizer)
         if world > 1:
             dist.barrier()  # every rank reads the tokenizer rank 0 trained
         tok = LoccaTokenizer.load(run.tokenizer)
         torch.manual_seed(cfg.seed)
-        model = checkpoint.build(cfg.model, tok, cfg.box)
-        if cfg.loc_init == "sincos":
-            init_location_embeddings(model, tok.loc_offset, tok.num_loc)
+        if cfg.init_from:
+            start = checkpoint.load(cfg.init_from)
+            if start.model.cfg != cfg.model.replace(vocab_size=start.tok.vocab_size) or start.box != cfg.box:
+                raise ValueError(f"init_from {cfg.init_from}: its model or box config differs from this config's; "
+                                 "make the config's model and box those of the checkpoint")
+            model = start.model
+        else:
+            model = checkpoint.build(cfg.model, tok, cfg.box)
+            if cfg.loc_init == "sincos":
+                init_location_embeddings(model, tok.loc_offset, tok.num_loc)
     model.to(dev).train()
     tasks = Tasks(tok, BoxCodec(cfg.box, tok.loc_offset))
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,

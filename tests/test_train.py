@@ -132,3 +132,28 @@ def test_collator_gives_every_image_distinct_regions_and_empty_targets_when_shor
         assert all(per[k][1].item() == tok.aref_id for k in range(1, 1 + n))
     loss, parts = locca_loss(torch.zeros(6, 7, tokens.shape[-1], tok.vocab_size), tokens, tok, layout=task_layout(3))
     assert set(parts) == {"Cap", "ARef", "GCap"} and torch.isfinite(loss)
+
+
+def test_init_from_starts_from_the_checkpoint_and_rejects_another_model(tmp_path):
+    first = train(SMOKE, tmp_path / "first", progress=False)
+    cfg = SMOKE.replace(init_from=str(first), steps=2, warmup_steps=0, lr=1e-9, min_lr=0.0)
+    second = train(cfg, tmp_path / "second", progress=False)
+    a, b = checkpoint.load(first), checkpoint.load(second)
+    assert a.tok.to_json() == b.tok.to_json()  # the checkpoint's tokenizer, not a newly trained one
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)  # lr ~0: the weights are where they started
+    wider = SMOKE.replace(model=SMOKE.model.replace(dec_depth=SMOKE.model.dec_depth + 1))
+    with pytest.raises(ValueError, match="init_from"):
+        train(wider.replace(init_from=str(first)), tmp_path / "third", progress=False)
+
+
+def test_curriculum_starts_with_one_object_and_ends_with_the_spec():
+    from model.records import ShapesStream
+    from model.shapes import MAX_OBJECTS, generate_scene
+
+    stream = ShapesStream(0, curriculum_scenes=60)
+    assert [stream.max_objects(i) for i in (0, 9, 10, 30, 59, 60)] == [1, 1, 2, 4, 6, 6]
+    assert all(len(stream.scene(i).objects) == 1 for i in range(5))
+    assert stream.scene(3).caption == stream.scene(3).caption  # a pure function of the index
+    late = stream.scene(100)
+    assert late.caption == generate_scene(100).caption and MAX_OBJECTS == 6
