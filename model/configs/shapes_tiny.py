@@ -19,6 +19,7 @@ CONFIG = TrainConfig(
     lr=1e-3,
     warmup_steps=100,
     loc_sigma=1.0,
+    precision="fp32",  # bf16 autocast was slower for this model on the CPUs here (README, Training)
     num_workers=1,
     log_every=20,
     ckpt_every=250,

@@ -20,6 +20,7 @@ CONFIG = TrainConfig(
     warmup_steps=500,
     loc_sigma=1.0,
     loc_init="sincos",
+    precision="fp32",  # bf16 autocast was slower for this model on the CPUs here (README, Training)
     num_workers=1,
     log_every=20,
     ckpt_every=250,
