@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 EXTRAS  ?= dev
 
-.PHONY: setup test serve lint clean help
+.PHONY: setup test serve lint examples clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -26,6 +26,10 @@ serve: $(STAMP)  ## serve the default model: REST :8000, gRPC :50051 (LOCCA_* va
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check .
+
+MODEL ?= models/locca-tiny-shapes
+examples: $(STAMP)  ## redraw docs/examples/ and the demo screenshot docs/demo.png with MODEL (needs chromium for the screenshot)
+	$(BIN)/python docs/make_examples.py --model $(MODEL)
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -52,25 +52,38 @@ def parse_box(text: str | None) -> list[float] | None:
     return [float(v) for v in parts]
 
 
-def local(image, task: str, args, box: list[float] | None) -> dict:
-    """The model in this process: Predictor.run, shaped as the server's answer (service/jobs.py)."""
+def load_predictor(model: str, backend: str = "torch", device: str = "cpu"):
+    """The model in this process, behind model/predictor.py's Predictor (the server's workers build theirs
+    the same way: service/worker.py)."""
     from export.backends import load_inference  # noqa: PLC0415 (torch only when the model runs here)
-    from model.predictor import Ask, Predictor  # noqa: PLC0415
+    from model.predictor import Predictor  # noqa: PLC0415
 
-    loaded = load_inference(args.model, args.backend, args.device)
-    predictor = Predictor(loaded.inference, loaded.tasks)
+    loaded = load_inference(model, backend, device)
+    return Predictor(loaded.inference, loaded.tasks)
+
+
+def answer(predictor, image, task: str, expression: str | None = None, box: list[float] | None = None,
+           max_regions: int = 5, max_new_tokens: int | None = None) -> dict:
+    """Predictor.run's answer shaped as the server's (service/jobs.py Tasker.answer)."""
+    from model.predictor import Ask  # noqa: PLC0415
+
     if task == "caption":
-        (out,) = predictor.run([image], [Ask(0, "caption", max_new_tokens=args.max_new_tokens)])
+        (out,) = predictor.run([image], [Ask(0, "caption", max_new_tokens=max_new_tokens)])
         return {"caption": out["text"], "score": out["score"]}
     if task == "refer":
-        (out,) = predictor.run([image], [Ask(0, "refer", expression=args.expression)])
-        return {"expression": args.expression, "box": out["box"], "score": out["score"]}
+        (out,) = predictor.run([image], [Ask(0, "refer", expression=expression)])
+        return {"expression": expression, "box": out["box"], "score": out["score"]}
     if box is None:
-        (out,) = predictor.run([image], [Ask(0, "propose", max_regions=args.max_regions)])
+        (out,) = predictor.run([image], [Ask(0, "propose", max_regions=max_regions)])
         return out
     box = images.check_box(box, *image.size)
     (out,) = predictor.run([image], [Ask(0, "describe", box=box)])
     return {"regions": [{"box": box, "text": out["text"], "score": out["score"]}]}
+
+
+def local(image, task: str, args, box: list[float] | None) -> dict:
+    predictor = load_predictor(args.model, args.backend, args.device)
+    return answer(predictor, image, task, args.expression, box, args.max_regions, args.max_new_tokens)
 
 
 def remote(data: bytes, task: str, args, box: list[float] | None) -> dict:

@@ -24,8 +24,8 @@ from PIL.PngImagePlugin import PngInfo
 from .images import Limits, decode
 
 # Saturated colours of middling luminance: they stand out on the shapes world's light background (190-250 per
-# channel) and differ from its objects' colours (red, green, blue, yellow, purple, black); regions take them in
-# order. service/static/demo.js holds the same list.
+# channel) and differ from its objects' colours (red, green, blue, yellow, purple, black); regions take them
+# in order. service/static/demo.js holds the same list.
 PALETTE = ((255, 20, 147), (0, 150, 255), (255, 120, 0), (0, 150, 136), (230, 0, 230), (150, 75, 0),
            (128, 128, 0), (70, 90, 120))
 TASKS = ("caption", "refer", "ground")

@@ -46,3 +46,14 @@ def tiny_model(tok) -> LocCa:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def bundled_server(tmp_path_factory):
+    """A real server of the bundled default model (torch backend), started once for the tests that only
+    need one to answer: the demo page, render=png, `locca predict --url`. Images over 1 M pixels are 413."""
+    from service import launch
+
+    with launch.launch(tmp_path_factory.mktemp("bundled") / "serve.log", model="models/locca-tiny-shapes",
+                       backend="torch", threads=1, max_image_pixels=1_000_000) as server:
+        yield server

@@ -6,6 +6,7 @@ package (the dev extra); the browser tests are skipped, saying why, where they a
 serving is tested everywhere.
 """
 
+import base64
 import io
 import json
 import re
@@ -17,17 +18,13 @@ import pytest
 from PIL import Image
 
 from model.shapes import generate_scene
-from service import launch, render
+from service import render
 from service.demo import STATIC
-
-MODEL = "models/locca-tiny-shapes"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with launch.launch(tmp_path_factory.mktemp("log") / "serve.log", model=MODEL, backend="torch",
-                       threads=1) as s:
-        yield s
+def server(bundled_server):  # tests/conftest.py: the bundled default model
+    return bundled_server
 
 
 def test_page_and_assets_are_served_offline(server):
@@ -73,13 +70,29 @@ def browser():
         d.quit()
 
 
-def ask(browser, server, image: Path, task: str, expression: str = "") -> dict:
-    """Load the page, upload `image`, choose `task`, run it; -> the JSON the page shows."""
+def drop(browser, image: Path) -> None:
+    """Drop a file on the page's drop zone, as a user dragging it from their desktop would."""
+    browser.execute_script("""
+        const [b64, name] = arguments, bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, {type: "image/png"}));
+        const zone = document.getElementById("drop");
+        for (const type of ["dragenter", "dragover", "drop"]) {
+          zone.dispatchEvent(new DragEvent(type, {dataTransfer: dt, bubbles: true, cancelable: true}));
+        }""", base64.b64encode(image.read_bytes()).decode(), image.name)
+
+
+def ask(browser, server, image: Path, task: str, expression: str = "", dropped: bool = False) -> dict:
+    """Load the page, upload (or drop) `image`, choose `task`, run it; -> the JSON the page shows."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(server.url + "/")
-    browser.find_element(By.ID, "file").send_keys(str(image))
+    if dropped:
+        drop(browser, image)
+        assert browser.execute_script("return document.getElementById('file').files[0].name") == image.name
+    else:
+        browser.find_element(By.ID, "file").send_keys(str(image))
     browser.find_element(By.CSS_SELECTOR, f"input[name=task][value={task}]").click()
     if expression:
         field = browser.find_element(By.ID, "expression")
@@ -160,12 +173,12 @@ def test_ground_regions_and_exif_rotated_upload(browser, server, tmp_path):
         assert box["colour"] == "rgb({}, {}, {})".format(*render.colour(i))
 
 
-def test_caption_and_an_error_are_shown(browser, server, tmp_path):
+def test_dropped_image_caption_and_an_error_are_shown(browser, server, tmp_path):
     from selenium.webdriver.common.by import By
 
     path = tmp_path / "scene.png"
     generate_scene(3).image.save(path)
-    shown = ask(browser, server, path, "caption")
+    shown = ask(browser, server, path, "caption", dropped=True)
     assert shown["caption"] and browser.find_element(By.ID, "caption").text == shown["caption"]
     assert not browser.find_elements(By.CSS_SELECTOR, "#boxes .box")
 

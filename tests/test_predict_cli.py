@@ -8,7 +8,8 @@ from PIL import Image
 
 from locca.cli import main
 from model.shapes import generate_scene
-from service import launch, render
+from service import images, render
+from service import predict as predict_cli
 
 MODEL = "models/locca-tiny-shapes"
 
@@ -49,9 +50,6 @@ def test_local_every_task_and_the_drawing(capsys, scene_png, tmp_path):
     assert code == 0 and len(ground["regions"]) == 1 and ground["regions"][0]["box"] == [10, 20, 80, 90]
     assert Image.open(tmp_path / "ground.png").convert("RGB").getpixel((10, 55)) == render.PALETTE[0]
 
-    code, proposals, _ = predict(capsys, path, "--task", "ground", "--max-regions", 3, "--model", MODEL)
-    assert code == 0 and 1 <= len(proposals["regions"]) <= 3
-    assert all(set(r) == {"box", "text", "score"} for r in proposals["regions"])
 
 
 def test_usage_errors(capsys, scene_png, tmp_path):
@@ -71,22 +69,27 @@ def test_usage_errors(capsys, scene_png, tmp_path):
         main(["predict", str(path), "--task", "segment"])
 
 
-def test_url_mode_gives_the_local_answer(capsys, scene_png, tmp_path, tmp_path_factory):
+def test_url_mode_gives_the_local_answer(capsys, scene_png, tmp_path, bundled_server):
     scene, path = scene_png
-    asks = [("--task", "refer", "--expression", scene.expressions[1]), ("--task", "caption"),
-            ("--task", "ground", "--max-regions", 2)]
-    here = [predict(capsys, path, *ask, "--model", MODEL)[1] for ask in asks]
-    with launch.launch(tmp_path_factory.mktemp("log") / "serve.log", model=MODEL, backend="torch",
-                       threads=1) as server:
-        there = []
-        for ask in asks:
-            code, answer, err = predict(capsys, path, *ask, "--url", server.url, "--out", tmp_path / "url.png")
-            assert code == 0, err
-            there.append(answer)
-        code, _, err = predict(capsys, path, "--task", "ground", "--box", "0,0,0,0", "--url", server.url)
-        assert code == 2 and "bad_box" in err  # the server's error, passed on
-    assert there[0]["box"] == pytest.approx(here[0]["box"]) and there[0]["expression"] == here[0]["expression"]
-    assert there[1]["caption"] == here[1]["caption"] and there[1]["score"] == pytest.approx(here[1]["score"], abs=1e-3)
-    assert [r["text"] for r in there[2]["regions"]] == [r["text"] for r in here[2]["regions"]]
-    drawn = Image.open(tmp_path / "url.png")  # the last one: ground, drawn from the server's answer
-    assert json.loads(drawn.text["locca:result"]) == there[2]
+    image = images.decode(path.read_bytes(), predict_cli.LOCAL_LIMITS)
+    here = predict_cli.load_predictor(MODEL)  # what the local mode runs (predict_cli.local)
+    asks = [("refer", ("--expression", scene.expressions[1]), {"expression": scene.expressions[1]}),
+            ("caption", (), {}), ("ground", ("--max-regions", 2), {"max_regions": 2})]
+    for task, flags, kw in asks:
+        code, there, err = predict(capsys, path, "--task", task, *flags, "--url", bundled_server.url,
+                                   "--out", tmp_path / f"{task}.png")
+        assert code == 0, err
+        local = predict_cli.answer(here, image, task, **kw)
+        if task == "refer":
+            assert there["box"] == pytest.approx(local["box"]) and there["expression"] == local["expression"]
+        elif task == "caption":
+            assert there["caption"] == local["caption"] and there["score"] == pytest.approx(local["score"], abs=1e-3)
+        else:
+            assert 1 <= len(there["regions"]) <= 2
+            assert [r["text"] for r in there["regions"]] == [r["text"] for r in local["regions"]]
+            for a, b in zip(there["regions"], local["regions"], strict=True):
+                assert a["box"] == pytest.approx(b["box"])
+        drawn = Image.open(tmp_path / f"{task}.png")  # drawn from the server's answer
+        assert json.loads(drawn.text["locca:result"]) == there
+    code, _, err = predict(capsys, path, "--task", "ground", "--box", "0,0,0,0", "--url", bundled_server.url)
+    assert code == 2 and "bad_box" in err  # the server's error, passed on

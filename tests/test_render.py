@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from model.shapes import generate_scene
-from service import launch, render
+from service import render
 from service.images import Limits
 
 LIMITS = Limits(max_bytes=10_000_000, max_pixels=10_000_000)
@@ -112,10 +112,8 @@ def test_caption_band_and_png_metadata():
 
 # --- end to end: render=png through the REST API -------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with launch.launch(tmp_path_factory.mktemp("log") / "serve.log", model="models/locca-tiny-shapes",
-                       backend="torch", threads=1, max_image_pixels=1_000_000) as s:
-        yield s
+def server(bundled_server):  # tests/conftest.py: images over 1 M pixels are 413 there
+    return bundled_server
 
 
 def test_render_png_over_rest(server):

@@ -25,6 +25,22 @@ function clearAnswer() {
   $("json").textContent = "";
 }
 
+// Show the image as large as the page allows (small images scaled up), keeping its aspect ratio.
+function fit() {
+  const w = img.naturalWidth, h = img.naturalHeight;
+  if (!w || !h) return;
+  const room = $("result").clientWidth, wide = room > 900 ? room - 320 : room;  // leave the JSON a column
+  const s = Math.min(Math.min(720, wide) / w, 0.75 * window.innerHeight / h);
+  img.style.width = `${Math.round(w * s)}px`;
+  img.style.height = `${Math.round(h * s)}px`;
+}
+
+// The answer as JSON, each box on one line.
+function pretty(answer) {
+  return JSON.stringify(answer, null, 2).replace(/\[\s+([-+\d.,\se]+?)\s+\]/g,
+    (_, inner) => `[${inner.trim().split(/,\s*/).join(", ")}]`);
+}
+
 function setFile(f) {
   if (!f) return;
   file = f;
@@ -32,7 +48,6 @@ function setFile(f) {
   imageUrl = URL.createObjectURL(f);
   img.src = imageUrl;
   $("stage").hidden = false;
-  $("filename").textContent = f.name;
   $("run").disabled = $("png").disabled = false;
   clearAnswer();
   status("");
@@ -104,7 +119,7 @@ async function run(event) {
     const answer = await r.json();
     if (!img.complete) await new Promise((ok) => img.addEventListener("load", ok, { once: true }));
     draw(t, answer);
-    $("json").textContent = JSON.stringify(answer, null, 2);
+    $("json").textContent = pretty(answer);
     status(`${t}: ${Math.round(performance.now() - t0)} ms`);
     document.body.dataset.answered = t;  // for the browser test: this answer is on the page
   } catch (e) {
@@ -136,6 +151,8 @@ function syncTask() {
   form.dataset.task = task();
 }
 
+img.addEventListener("load", fit);
+window.addEventListener("resize", fit);
 fileInput.addEventListener("change", () => setFile(fileInput.files[0]));
 for (const name of ["dragenter", "dragover"]) {
   drop.addEventListener(name, (e) => { e.preventDefault(); drop.classList.add("over"); });
@@ -143,7 +160,12 @@ for (const name of ["dragenter", "dragover"]) {
 for (const name of ["dragleave", "drop"]) {
   drop.addEventListener(name, () => drop.classList.remove("over"));
 }
-drop.addEventListener("drop", (e) => { e.preventDefault(); setFile(e.dataTransfer.files[0]); });
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  if (!e.dataTransfer.files.length) return;
+  fileInput.files = e.dataTransfer.files;  // the input names the dropped file, as if it had been chosen
+  setFile(e.dataTransfer.files[0]);
+});
 form.addEventListener("change", (e) => { if (e.target.name === "task") syncTask(); });
 form.addEventListener("submit", run);
 $("png").addEventListener("click", annotatedPng);
