@@ -3,21 +3,25 @@ bytes, and the optional X-Request-Timeout header; and the OpenAPI description of
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from .errors import InvalidRequest, TooLarge, UnsupportedMediaType
+from .errors import InvalidRequest, RequestTimeout, TooLarge, UnsupportedMediaType
 from .schemas import b64_image
 
 DRAIN_EXTRA_BYTES = 8 << 20  # read (and drop) this much past the limit so the client gets its 413
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    chunks, size = [], 0
     declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + DRAIN_EXTRA_BYTES:
+        # Declared far over the limit: answer at once rather than wait for bytes that may never come.
+        raise TooLarge(f"the body is over the {limit}-byte limit (Content-Length {declared})")
+    chunks, size = [], 0
     too_large = declared.isdigit() and int(declared) > limit
     async for chunk in request.stream():
         size += len(chunk)
@@ -42,8 +46,10 @@ async def read_request(request: Request, full: type[BaseModel], params: type[Bas
         if media == "application/json":
             try:
                 data = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise InvalidRequest("the body is not valid JSON") from None
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+                raise InvalidRequest(f"the body is not valid JSON: {e}") from None
+            except RecursionError:
+                raise InvalidRequest("the body is not valid JSON: nested too deeply") from None
             if not isinstance(data, dict):
                 raise InvalidRequest("the body must be a JSON object")
             req = full.model_validate(data)
@@ -68,6 +74,35 @@ async def read_request(request: Request, full: type[BaseModel], params: type[Bas
 
 def _explain(e: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
+
+
+class BodyDeadline:
+    """ASGI middleware: a request's body must have arrived `seconds` after its headers, else 408. A client
+    that trickles its body (or declares more than it sends) would otherwise hold a connection and its buffer
+    for as long as it likes; only the body is timed, not the answer."""
+
+    def __init__(self, app, seconds: float):
+        self.app, self.seconds = app, seconds
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        deadline, complete = asyncio.get_running_loop().time() + self.seconds, False
+
+        async def receive_in_time():
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                complete = True
+                raise RequestTimeout(f"the body did not arrive within {self.seconds:g} s") from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        return await self.app(scope, receive_in_time, send)
 
 
 def client_timeout(request: Request) -> float | None:

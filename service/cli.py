@@ -44,8 +44,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from(args)
-    except ValidationError as e:
-        print(f"locca serve: invalid settings:\n{e}")
+    except ValidationError as e:  # each problem without the input (which may hold API keys)
+        problems = "\n".join(f"  {'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
+        print(f"locca serve: invalid settings:\n{problems}")
         return 2
     from .app import run as serve  # noqa: PLC0415 (keeps `locca --help` light)
 

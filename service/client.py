@@ -7,6 +7,7 @@ retries on 429 / 503 (RESOURCE_EXHAUSTED / UNAVAILABLE) that honour Retry-After.
         print(c.refer(open("scene.png", "rb").read(), "the red circle").box)
 
 An image is bytes (sent as is), a PIL image (sent as PNG) or a local path (read by the client).
+`api_key`: sent as `Authorization: Bearer <key>` (REST header, gRPC metadata) to a server with LOCCA_API_KEYS.
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ class LoccaClient:
     """Blocking REST client. `encoding`: "multipart" (default) or "json" (base64 image)."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 30.0, retries: int = 3,
-                 max_backoff: float = 10.0, encoding: str = "multipart"):
-        self.http = httpx.Client(base_url=base_url, timeout=timeout)
+                 max_backoff: float = 10.0, encoding: str = "multipart", api_key: str | None = None):
+        self.http = httpx.Client(base_url=base_url, timeout=timeout, headers=_auth(api_key))
         self.retries, self.max_backoff, self.encoding = retries, max_backoff, encoding
 
     def caption(self, image, max_new_tokens: int | None = None, **kw) -> Caption:
@@ -153,8 +154,9 @@ class AsyncLoccaClient(LoccaClient):
     """The same calls, awaitable (httpx.AsyncClient); for load tests and async services."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float = 30.0, retries: int = 3,
-                 max_backoff: float = 10.0, encoding: str = "multipart", max_connections: int = 100):
-        self.http = httpx.AsyncClient(base_url=base_url, timeout=timeout,
+                 max_backoff: float = 10.0, encoding: str = "multipart", max_connections: int = 100,
+                 api_key: str | None = None):
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=_auth(api_key),
                                       limits=httpx.Limits(max_connections=max_connections))
         self.retries, self.max_backoff, self.encoding = retries, max_backoff, encoding
 
@@ -190,13 +192,14 @@ class LoccaGrpcClient:
     """Blocking gRPC client over proto/locca/v1/locca.proto. `timeout` is each call's gRPC deadline."""
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 30.0, retries: int = 3,
-                 max_backoff: float = 10.0):
+                 max_backoff: float = 10.0, api_key: str | None = None):
         from . import protos  # noqa: PLC0415 (generates the stubs on first use)
 
         self.pb, pb_grpc = protos.load()
         self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
         self.stub = pb_grpc.LocCaStub(self.channel)
         self.timeout, self.retries, self.max_backoff = timeout, retries, max_backoff
+        self.metadata = tuple((k.lower(), v) for k, v in _auth(api_key).items())
 
     def caption(self, image, max_new_tokens: int | None = None, timeout: float | None = None) -> Caption:
         r = self._call(self.stub.Caption, self.pb.CaptionRequest(image=image_bytes(image),
@@ -218,7 +221,7 @@ class LoccaGrpcClient:
     def _call(self, method, request, timeout: float | None):
         for attempt in range(self.retries + 1):
             try:
-                return method(request, timeout=timeout or self.timeout)
+                return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
             except grpc.RpcError as e:
                 trailers = dict(e.trailing_metadata() or ())
                 ra = float(trailers["retry-after"]) if "retry-after" in trailers else None
@@ -234,6 +237,10 @@ class LoccaGrpcClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _auth(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def _box(b) -> list[float]:

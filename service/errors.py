@@ -39,6 +39,16 @@ class BadRequest(ServiceError):
     status, grpc_code, code = 400, grpc.StatusCode.INVALID_ARGUMENT, "bad_request"
 
 
+class Unauthorized(ServiceError):
+    """API keys are on (LOCCA_API_KEYS) and the request carries none of them."""
+    status, grpc_code, code = 401, grpc.StatusCode.UNAUTHENTICATED, "unauthorized"
+
+
+class RequestTimeout(ServiceError):
+    """The client took longer than body_timeout_s to send its request's body."""
+    status, grpc_code, code = 408, grpc.StatusCode.DEADLINE_EXCEEDED, "request_timeout"
+
+
 class TooLarge(ServiceError):
     status, grpc_code, code = 413, grpc.StatusCode.INVALID_ARGUMENT, "too_large"
 
@@ -70,5 +80,6 @@ class Internal(ServiceError):
 
 
 # Errors that cross the worker pipe travel as their `code` string.
-BY_CODE = {cls.code: cls for cls in (BadImage, BadBox, BadExpression, BadRequest, TooLarge, UnsupportedMediaType,
-                                     InvalidRequest, QueueFull, Unavailable, DeadlineExceeded, Internal)}
+BY_CODE = {cls.code: cls for cls in (BadImage, BadBox, BadExpression, BadRequest, Unauthorized, RequestTimeout,
+                                     TooLarge, UnsupportedMediaType, InvalidRequest, QueueFull, Unavailable,
+                                     DeadlineExceeded, Internal)}

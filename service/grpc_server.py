@@ -13,13 +13,15 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
-from . import logs, metrics, protos
+from . import auth, logs, metrics, protos
 from .engine import Engine
 from .errors import InvalidRequest, ServiceError
 from .schemas import CaptionParams, GroundParams, ReferParams
@@ -31,6 +33,34 @@ log = logging.getLogger("locca.grpc")
 
 def _box(b) -> pb.Box:
     return pb.Box(x0=b[0], y0=b[1], x1=b[2], y1=b[3])
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request whose bytes do not parse as its message (truncated, invalid UTF-8 in a string): handed to the
+    servicer, which answers INVALID_ARGUMENT, rather than raised in the deserializer, which grpc answers UNKNOWN."""
+    message: str
+    reason: str
+
+
+def _parser(cls):
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:
+            return Malformed(cls.DESCRIPTOR.full_name, str(e))
+    return parse
+
+
+def handlers(servicer) -> grpc.GenericRpcHandler:
+    """locca.v1.LocCa's methods, as the generated add_LocCaServicer_to_server registers them, but parsed by
+    `_parser`."""
+    service = pb.DESCRIPTOR.services_by_name["LocCa"]
+    return grpc.method_handlers_generic_handler(service.full_name, {
+        m.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, m.name), request_deserializer=_parser(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+        for m in service.methods})
 
 
 def _params(model, **values):
@@ -49,14 +79,14 @@ class LoccaServicer(pb_grpc.LocCaServicer):
             p = _params(CaptionParams, max_new_tokens=request.max_new_tokens or None)
             out = await self.engine.caption(request.image, p.max_new_tokens, timeout)
             return pb.CaptionResponse(caption=out["caption"], score=out["score"])
-        return await self._call(context, "Caption", work)
+        return await self._call(context, "Caption", work, request)
 
     async def Refer(self, request, context):
         async def work(timeout):
             p = _params(ReferParams, expression=request.expression)
             out = await self.engine.refer(request.image, p.expression, timeout)
             return pb.ReferResponse(box=_box(out["box"]), score=out["score"])
-        return await self._call(context, "Refer", work)
+        return await self._call(context, "Refer", work, request)
 
     async def Ground(self, request, context):
         async def work(timeout):
@@ -68,15 +98,17 @@ class LoccaServicer(pb_grpc.LocCaServicer):
             out = await self.engine.ground(request.image, p.box, p.max_regions, timeout)
             return pb.GroundResponse(regions=[pb.Region(box=_box(r["box"]), text=r["text"], score=r["score"])
                                               for r in out["regions"]])
-        return await self._call(context, "Ground", work)
+        return await self._call(context, "Ground", work, request)
 
-    async def _call(self, context, method: str, work):
+    async def _call(self, context, method: str, work, request):
         given = dict(context.invocation_metadata() or ()).get("x-request-id")
         rid = logs.new_request_id(given)
         token = logs.request_id.set(rid)
         status, t0 = "OK", time.perf_counter()
         try:
             await context.send_initial_metadata((("x-request-id", rid),))
+            if isinstance(request, Malformed):
+                raise InvalidRequest(f"the request is not a valid {request.message}: {request.reason}")
             return await work(context.time_remaining())
         except ServiceError as e:
             status = e.grpc_code.name
@@ -86,6 +118,10 @@ class LoccaServicer(pb_grpc.LocCaServicer):
         except asyncio.CancelledError:
             status = "CANCELLED"  # client cancelled, or its deadline passed: the job was aborted
             raise
+        except Exception:  # a bug: logged, and answered INTERNAL with no details rather than grpc's UNKNOWN
+            status = "INTERNAL"
+            log.exception("request failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         finally:
             seconds = time.perf_counter() - t0
             endpoint = f"grpc:{method}"
@@ -99,8 +135,9 @@ class GrpcServer:
     def __init__(self, engine: Engine, settings: Settings):
         self.engine = engine
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_body_bytes),
-                                               ("grpc.max_send_message_length", 16 << 20)])
-        pb_grpc.add_LocCaServicer_to_server(LoccaServicer(engine), self.server)
+                                               ("grpc.max_send_message_length", 16 << 20)],
+                                      interceptors=auth.grpc_interceptors(settings))
+        self.server.add_generic_rpc_handlers((handlers(LoccaServicer(engine)),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

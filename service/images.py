@@ -31,7 +31,12 @@ class Limits:
 
 
 def decode(data: bytes, limits: Limits) -> Image.Image:
-    """Encoded image -> RGB image as displayed: EXIF orientation applied, first frame, alpha over white."""
+    """Encoded image -> RGB image as displayed: EXIF orientation applied, first frame, alpha over white.
+
+    Every failure is the client's: over a limit is TooLarge, anything else BadImage. Pillow documents no
+    closed set of exceptions for malformed files (its plugins parse with struct, index tables, convert modes),
+    and a crafted file must never become a 500, so anything raised here is the image's fault.
+    """
     if not data:
         raise BadImage("the image is empty")
     if len(data) > limits.max_bytes:
@@ -45,19 +50,19 @@ def decode(data: bytes, limits: Limits) -> Image.Image:
             if w * h > limits.max_pixels:
                 raise TooLarge(f"the image has {w}x{h} pixels; the limit is {limits.max_pixels} pixels")
             im.load()  # the first frame of an animation or a multi-page TIFF
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception:  # noqa: BLE001 (a broken EXIF block: keep the pixels as stored)
+                pass
+            return to_rgb(im)
     except TooLarge:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError) as e:
         raise TooLarge(f"the image is too large to decode: {e}") from None
     except UnidentifiedImageError:
         raise BadImage(f"not an image in an accepted format ({', '.join(FORMATS)})") from None
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:  # truncated or corrupt
+    except Exception as e:  # noqa: BLE001 (truncated, corrupt or unconvertible: see above)
         raise BadImage(f"the image cannot be decoded: {e}") from None
-    try:
-        im = ImageOps.exif_transpose(im)
-    except Exception:  # noqa: BLE001 (a broken EXIF block: keep the pixels as stored)
-        pass
-    return to_rgb(im)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -18,14 +18,16 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import demo, logs, metrics, render
 from . import schemas as api
-from .body import body_doc, client_timeout, read_request
+from .auth import ApiKeys, RestApiKeys
+from .body import BodyDeadline, body_doc, client_timeout, read_request
 from .engine import Engine
-from .errors import InvalidRequest, ServiceError, Unavailable
+from .errors import Internal, InvalidRequest, ServiceError, Unavailable
 from .settings import Settings
 
 log = logging.getLogger("locca.rest")
@@ -33,7 +35,9 @@ ENDPOINTS = {"/v1/caption", "/v1/refer", "/v1/ground", "/v1/models", "/healthz",
              "/openapi.json"}
 QUIET = {"/healthz", "/readyz", "/metrics"}
 ERRORS = {s: {"model": api.ErrorResponse, "description": d} for s, d in [
-    (400, "undecodable image, bad box or empty expression"), (413, "body or image over the limits"),
+    (400, "undecodable image, bad box or empty expression"),
+    (401, "API keys are on (LOCCA_API_KEYS) and the request carries none of them as `Authorization: Bearer`"),
+    (408, "the body did not arrive within body_timeout_s"), (413, "body or image over the limits"),
     (415, "unsupported content type"), (422, "request does not match the schema"),
     (429, "queue full (see Retry-After)"), (503, "not ready or draining"), (504, "the request's deadline passed")]}
 PNG = {200: {"content": {"image/png": {}},
@@ -72,6 +76,9 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            status = 500 if status == 499 else status  # unhandled: Starlette's outermost layer answers 500
+            raise
         finally:
             path = scope["path"]
             endpoint = path if path in ENDPOINTS else "other"
@@ -110,7 +117,10 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         "LocCa (Wan et al., NeurIPS 2024): captions, referring expressions and grounded captions. Boxes are "
         "[x0, y0, x1, y1] in pixels of the image as sent, after EXIF orientation. The contract: "
         "shared/specs/api.md; gRPC: proto/locca/v1/locca.proto on the gRPC port."))
-    app.add_middleware(RequestContext)
+    app.add_middleware(BodyDeadline, seconds=settings.body_timeout_s)
+    if keys := ApiKeys.from_settings(settings):
+        app.add_middleware(RestApiKeys, keys=keys)
+    app.add_middleware(RequestContext)  # outermost: it sees (counts, logs) every answer, 401s included
     limit = settings.max_body_bytes
     demo.add_routes(app)
 
@@ -133,8 +143,13 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         return error_response(e)
 
     @app.exception_handler(ClientGone)
+    @app.exception_handler(ClientDisconnect)  # gone while its body was being read
     async def _gone(_, e):
         return Response(status_code=499)
+
+    @app.exception_handler(Exception)  # a bug: the contract's error shape; the server logs the traceback
+    async def _bug(_, e: Exception):
+        return error_response(Internal("internal error"))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, e: RequestValidationError):
@@ -167,7 +182,8 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         work = engine.ground(image, p.box, p.max_regions, client_timeout(request))
         return await answer(request, p, image, "ground", work)
 
-    @app.get("/v1/models", response_model=api.ModelInfo, responses={503: ERRORS[503]}, summary="The served model")
+    @app.get("/v1/models", response_model=api.ModelInfo, responses={s: ERRORS[s] for s in (401, 503)},
+             summary="The served model")
     async def models():
         return engine.model_info()
 
@@ -183,7 +199,7 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
             raise Unavailable("the model is not ready yet", retry_after=settings.retry_after_s)
         return {"status": "ready"}
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus():
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)

@@ -13,7 +13,7 @@ import json
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, field_validator
 
 from .errors import BadImage
 
@@ -21,8 +21,18 @@ MAX_NEW_TOKENS = 512         # the model's positions clip it further (48 for `ti
 MAX_REGIONS = 32
 MAX_EXPRESSION_CHARS = 256
 
-Box = Annotated[list[float], Field(min_length=4, max_length=4, description="[x0, y0, x1, y1] in pixels of the "
-                                   "image as sent (after EXIF orientation), x0 < x1, y0 < y1")]
+
+def _not_bool(v):
+    """pydantic's lax mode reads true as 1: a number field must hold a number (or, in a form, its text)."""
+    if isinstance(v, bool):
+        raise ValueError("expected a number, not true or false")
+    return v
+
+
+Number = Annotated[float, BeforeValidator(_not_bool)]
+Count = Annotated[int, BeforeValidator(_not_bool)]
+Box = Annotated[list[Number], Field(min_length=4, max_length=4, description="[x0, y0, x1, y1] in pixels of the "
+                                    "image as sent (after EXIF orientation), x0 < x1, y0 < y1")]
 Render = Annotated[Literal["json", "png"] | None, Field(description=(
     "`png`: answer with the image and the answer drawn on it (image/png, the JSON answer in the X-Locca-Result "
     "header) instead of JSON; also accepted as the query parameter `?render=png`"))]
@@ -31,7 +41,7 @@ IMAGE_DOC = ("the image, base64-encoded (a `data:image/...;base64,` prefix is ac
 
 
 class CaptionParams(BaseModel):
-    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS,
+    max_new_tokens: Count | None = Field(None, ge=1, le=MAX_NEW_TOKENS,
                                        description="token budget of the caption (default: the server's, 32)")
     render: Render = None
 
@@ -44,7 +54,7 @@ class ReferParams(BaseModel):
 class GroundParams(BaseModel):
     box: Box | None = Field(None, description="a box to describe; without one, the model proposes regions. In "
                             "a form: JSON text `[x0,y0,x1,y1]` or `x0,y0,x1,y1`")
-    max_regions: int = Field(5, ge=1, le=MAX_REGIONS, description="most regions proposed (without a box)")
+    max_regions: Count = Field(5, ge=1, le=MAX_REGIONS, description="most regions proposed (without a box)")
     render: Render = None
 
     @field_validator("box", mode="before")
@@ -59,7 +69,7 @@ class GroundParams(BaseModel):
         if text.startswith("["):
             try:
                 return json.loads(text)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the parser's depth
                 raise ValueError("box is not valid JSON") from None
         return [p.strip() for p in text.split(",")]
 

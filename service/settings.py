@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -52,7 +52,16 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(16 << 20, ge=1024, description="largest encoded image; larger is 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description=(
         "largest width x height (decompression bombs); larger is 413 / INVALID_ARGUMENT"))
+    body_timeout_s: float = Field(30.0, gt=0, description=(
+        "longest a client may take to send a REST request's body; slower is 408 (slow or stalled uploads "
+        "must not hold connections and buffers)"))
     image_threads: int = Field(4, ge=1, description="threads decoding and preprocessing images")
+
+    # --- access -------------------------------------------------------------------------------------
+    api_keys: SecretStr = Field(SecretStr(""), description=(
+        "comma-separated API keys (16+ characters each); when set, REST /v1/* and gRPC locca.v1.LocCa need "
+        "`Authorization: Bearer <key>` (401 / UNAUTHENTICATED otherwise). Off when empty. Prefer the variable "
+        "to the flag: a flag shows in the process list"))
 
     # --- operations ---------------------------------------------------------------------------------
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
@@ -66,4 +75,9 @@ class Settings(BaseSettings):
             raise ValueError("port and grpc_port must differ")
         if self.max_body_bytes < self.max_image_bytes:
             raise ValueError("max_body_bytes must be at least max_image_bytes")
+        if any(len(k) < 16 for k in self.api_key_list()):
+            raise ValueError("every API key needs at least 16 characters")
         return self
+
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
