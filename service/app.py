@@ -47,14 +47,19 @@ async def serve(settings: Settings) -> int:
 
     source = await asyncio.to_thread(bundle.resolve, settings)
     specs = worker_specs(settings, source)
-    pool = WorkerPool(specs, settings.retry_after_s)
+    stop, fatal = asyncio.Event(), []
+
+    def on_fatal(message: str) -> None:  # the workers cannot load the model: exit rather than never be ready
+        fatal.append(message)
+        stop.set()
+
+    pool = WorkerPool(specs, settings.retry_after_s, on_fatal)
     engine = Engine(settings, pool, bundle.model_name(settings.model))
     rest = _Uvicorn(uvicorn.Config(build_app(engine, settings), host=settings.host, port=settings.port,
                                    log_config=None, access_log=False, lifespan="off",
                                    timeout_graceful_shutdown=5))
     grpc_server = GrpcServer(engine, settings)
 
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -71,6 +76,9 @@ async def serve(settings: Settings) -> int:
     if rest_task.done():  # uvicorn could not start (port taken, ...)
         log.error("the REST server stopped unexpectedly")
         code = 1
+    if fatal:
+        log.error(f"cannot serve the model: {fatal[0]}")
+        code = 2
     log.info("shutting down: draining", extra={"in_flight": engine.in_flight})
     drained = await engine.drain(settings.drain_timeout_s)
     if not drained:
@@ -90,6 +98,6 @@ def run(settings: Settings) -> int:
     logs.setup(settings.log_level, settings.log_json)
     try:
         return asyncio.run(serve(settings))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, bundle.InvalidModel) as e:
         log.error(str(e))
         return 2

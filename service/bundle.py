@@ -7,6 +7,11 @@ The documented check for the ONNX bundle (LOCCA_BACKEND=onnxruntime, the default
        one): run `locca export CHECKPOINT LOCCA_MODEL/onnx` once, then serve it
     4. else, or if onnxruntime or the export is unavailable or fails: log a warning saying why, and serve the
        checkpoint with the torch backend.
+
+A missing or unusable model stops the server at start with a message saying why (InvalidModel, exit 2): a
+checkpoint is checked here, structurally and without torch (complete, a LocCa checkpoint); an ONNX bundle is
+verified (every file against its sha256) by the workers as they load it, and a worker that cannot load its
+model makes the server exit too (service/pool.py), never a restart loop or a failure at the first request.
 """
 
 from __future__ import annotations
@@ -23,6 +28,12 @@ from pathlib import Path
 from .settings import Settings
 
 log = logging.getLogger("locca.bundle")
+CHECKPOINT_FORMAT = "locca-checkpoint/1"  # model/checkpoint.py's FORMAT (imported, it would bring in torch)
+MAX_HEADER_BYTES = 100 << 20              # safetensors' own limit on a header
+
+
+class InvalidModel(Exception):
+    """The model to serve is missing or unusable: the server does not start."""
 
 
 @dataclass(frozen=True)
@@ -35,9 +46,32 @@ class Source:
 def checkpoint_of(model: Path) -> Path:
     ckpt = model if model.is_file() else model / "checkpoint.safetensors"
     if not ckpt.is_file():
-        raise FileNotFoundError(f"no model at {model}: expected a checkpoint.safetensors (or a directory "
-                                "holding one) or an exported ONNX bundle; set LOCCA_MODEL or --model")
+        raise InvalidModel(f"no model at {model}: expected a checkpoint.safetensors (or a directory "
+                           "holding one) or an exported ONNX bundle; set LOCCA_MODEL or --model")
+    check_checkpoint(ckpt)
     return ckpt
+
+
+def check_checkpoint(path: Path) -> None:
+    """A checkpoint is a complete safetensors file (header, then exactly the bytes its tensors need) holding
+    a LocCa model config. Reads the header only; never unpickles anything."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError(f"not a safetensors file (a {n}-byte header in {size} bytes)")
+            header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None) or {}
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+        for key in ("model_config", "box_config", "tokenizer"):
+            json.loads(meta[key])
+        need, have = max((t["data_offsets"][1] for t in header.values()), default=0), size - 8 - n
+        if need != have:
+            raise ValueError(f"its tensors need {need} bytes of data and it holds {have} (truncated?)")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise InvalidModel(f"{path} is not a usable LocCa checkpoint: {e}") from None
 
 
 def resolve(settings: Settings) -> Source:
@@ -71,7 +105,11 @@ def stale(onnx_dir: Path, model: Path) -> bool:
     ckpt = model if model.is_file() else model / "checkpoint.safetensors"
     if onnx_dir == model or not ckpt.is_file():
         return False  # a bundle given on its own is served as it is
-    source = json.loads((onnx_dir / "manifest.json").read_text()).get("source", {})
+    try:
+        source = json.loads((onnx_dir / "manifest.json").read_text()).get("source", {})
+    except (OSError, ValueError, AttributeError):
+        log.warning("the ONNX bundle's manifest is unreadable; exporting again", extra={"bundle": str(onnx_dir)})
+        return True
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     if source.get("sha256") != digest:
         log.info("the ONNX bundle was exported from another checkpoint; exporting again",

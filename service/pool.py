@@ -4,6 +4,8 @@ Each worker gets two one-way pipes. A sender thread writes to it (a request's pi
 buffer while the worker is busy in a model call, and the event loop must never block on that) and a reader
 thread hands its messages to the loop. The loop watches each process's sentinel: when a worker dies, every
 request it held fails at once with Unavailable (503 / UNAVAILABLE) and a new worker is started.
+A model that cannot be loaded is fatal at start, not a restart loop: a worker that fails to load it (or dies
+MAX_START_DEATHS times) before any worker was ever ready calls `on_fatal`, and the server exits saying why.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .worker import WorkerSpec
 
 log = logging.getLogger("locca.pool")
 MAX_BACKOFF_S = 30.0
+MAX_START_DEATHS = 5  # consecutive deaths of a slot before the model was ever served: give up
 
 
 class WorkerHandle:
@@ -71,8 +74,9 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, specs: list[WorkerSpec], retry_after: int = 1):
+    def __init__(self, specs: list[WorkerSpec], retry_after: int = 1, on_fatal=None):
         self.specs, self.retry_after = specs, retry_after
+        self.on_fatal = on_fatal             # (message) -> None: the model cannot be served at all
         self.handles: list[WorkerHandle | None] = [None] * len(specs)
         self.failures = [0] * len(specs)     # consecutive deaths before becoming ready (crash loops back off)
         self.info: dict | None = None        # the model as the first ready worker described it
@@ -114,6 +118,15 @@ class WorkerPool:
             self._settle(h, msg[1], error=BY_CODE.get(msg[2], Internal)(msg[3]))
         elif kind == "stats":
             metrics.record_worker_stats(msg[1], self._queue_depths, h.slot)
+        elif kind == "failed":
+            log.error("worker cannot load the model", extra={"slot": h.slot, "why": msg[1]})
+            if self.info is None:  # never served: the model itself is unusable, not a passing fault
+                self._fatal(msg[1])
+
+    def _fatal(self, message: str) -> None:
+        self.closing = True  # no restarts
+        if self.on_fatal is not None:
+            self.on_fatal(message)
 
     @staticmethod
     def _settle(h: WorkerHandle, job_id: int, result=None, error=None) -> None:
@@ -136,8 +149,12 @@ class WorkerPool:
         h.jobs.clear()
         if self.closing or self.handles[h.slot] is not h:
             return
-        metrics.WORKER_RESTARTS.inc()
         self.failures[h.slot] += 0 if was_ready else 1
+        if self.info is None and self.failures[h.slot] >= MAX_START_DEATHS:
+            self._fatal(f"the model worker died {self.failures[h.slot]} times while loading the model "
+                        f"(exit code {h.process.exitcode}); see its log")
+            return
+        metrics.WORKER_RESTARTS.inc()
         delay = min(MAX_BACKOFF_S, 2.0 ** self.failures[h.slot] - 1)
         log.error("worker died; restarting", extra={"slot": h.slot, "exitcode": h.process.exitcode,
                                                     "restart_in_s": delay})

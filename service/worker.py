@@ -6,6 +6,7 @@ It loads the model, warms it up, says "ready", then loops: read the server's mes
 Messages, over two one-way pipes (pickled tuples):
     server -> worker   ("add", id, Task, pixels, timeout_s)   ("abort", id)   ("stop",)
     worker -> server   ("ready", info)   ("result", id, answer)   ("error", id, code, message)   ("stats", Stats)
+                       ("failed", message): the model cannot be loaded; the worker exits
 """
 
 from __future__ import annotations
@@ -55,11 +56,18 @@ def main(inbox, outbox, spec: WorkerSpec) -> None:
     from model.predictor import Predictor
 
     t0 = time.perf_counter()
-    loaded = load_inference(spec.model, spec.backend, spec.device, spec.threads or None)
-    worker = Worker(Tasker(Predictor(loaded.inference, loaded.tasks)), Runner(loaded.inference, loaded.tok.pad_id),
-                    Scheduler(spec.max_batch, spec.max_wait, spec.max_rows), inbox, outbox, spec.parent_pid)
-    if spec.warmup:
-        worker.warm_up()
+    try:
+        loaded = load_inference(spec.model, spec.backend, spec.device, spec.threads or None)
+        worker = Worker(Tasker(Predictor(loaded.inference, loaded.tasks)),
+                        Runner(loaded.inference, loaded.tok.pad_id),
+                        Scheduler(spec.max_batch, spec.max_wait, spec.max_rows), inbox, outbox, spec.parent_pid)
+        if spec.warmup:
+            worker.warm_up()
+    except Exception as e:  # noqa: BLE001 (a missing, corrupt or incompatible model: say so, and exit)
+        log.exception("cannot load the model")
+        outbox.send(("failed", f"cannot load the model {spec.model} ({spec.backend} on {spec.device}): "
+                               f"{type(e).__name__}: {e}"))
+        raise SystemExit(3) from None
     info = {"backend": loaded.backend, "device": loaded.device, "config": dataclasses.asdict(loaded.cfg),
             "meta": loaded.meta, "pid": os.getpid()}
     log.info("worker ready", extra={"seconds": round(time.perf_counter() - t0, 2), **info})
