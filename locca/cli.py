@@ -17,6 +17,7 @@ COMMANDS = {
     "serve": ("service.cli", "serve a model: REST and gRPC, continuous batching, supervised model workers"),
     "predict": ("service.predict", "caption, refer or ground one image, here or via --url: JSON and a drawing"),
     "data": ("model.data_cli", "write shapes-world data sets; convert COCO / RefCOCO annotations"),
+    "bench": ("benchmarks.cli", "benchmarks: our engine and server against HF generate() and a naive server"),
 }
 
 

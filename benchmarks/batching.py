@@ -1,0 +1,105 @@
+"""Section 3: continuous against static batching on a mixed workload, in the worker's own code.
+
+The server's worker loop (service/worker.py: Tasker, Scheduler, Runner; built by bench_server.InProcess with
+the server's default settings) is replayed in this process with closed-loop clients: `captioners` clients
+asking for long captions (the images whose captions run to the 32-token budget) and one client asking refer
+questions; each sends its next request the moment its last is answered. Two admission policies, the same
+model calls:
+    continuous  (the server's) a request joins the running batch at the next step;
+    static      a batch is formed when the worker is idle and runs until its last request is done; what
+                arrives meanwhile waits for the next batch.
+The refer client alone, on an otherwise idle worker, gives the idle latency. The HTTP layer is left out: the
+server's overhead is measured by bench_server.py (0.6 ms at the p50).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.jobs import Task
+from service.scheduler import Job
+
+from .bench_server import InProcess
+
+
+@dataclass(frozen=True)
+class Request:
+    kind: str                 # caption | refer
+    pixels: np.ndarray        # (3, S, S), preprocessed once
+    size: tuple[int, int]
+    expression: str | None = None
+
+    def task(self) -> Task:
+        return Task(self.kind, self.size, expression=self.expression)
+
+
+def replay(local: InProcess, clients: list[list[Request]], policy: str, window: float) -> dict[str, list[float]]:
+    """Latencies (seconds) by kind of the requests answered within `window` seconds after every client has had
+    one answer. clients[i] is client i's requests, sent in turn."""
+    if policy not in ("continuous", "static"):
+        raise ValueError(f"unknown policy {policy!r}")
+    sched, runner, tasker = local.scheduler, local.runner, local.tasker
+    held: list[Job] = []                 # static: arrived, waiting for the worker to be idle
+    jobs: dict[int, tuple[int, Request]] = {}
+    sent = [0] * len(clients)
+    answered: set[int] = set()
+    lat: dict[str, list[float]] = {}
+    start = end = None
+    next_id = 0
+
+    def send(i: int, now: float) -> None:
+        nonlocal next_id
+        req = clients[i][sent[i] % len(clients[i])]
+        sent[i] += 1
+        job = Job(next_id, req.pixels, tasker.search(req.task()), now)
+        jobs[next_id] = (i, req)
+        next_id += 1
+        if policy == "static":
+            held.append(job)
+        else:
+            sched.add(job)
+
+    now = time.monotonic()
+    for i in range(len(clients)):
+        send(i, now)
+    while jobs:
+        if policy == "static" and not (sched.running or sched.waiting):
+            for job in held[:sched.max_batch]:
+                sched.add(job)
+            del held[:sched.max_batch]
+        batch = sched.schedule(float("inf"))
+        done = sched.postprocess(batch, runner(batch))
+        now = time.monotonic()
+        for job in done:
+            i, req = jobs.pop(job.id)
+            tasker.answer(req.task(), job.search)
+            answered.add(i)
+            if start is not None and start < now <= end:
+                lat.setdefault(req.kind, []).append(now - job.arrival)
+            if start is None and len(answered) == len(clients):
+                start, end = now, now + window
+            if end is None or now < end:
+                send(i, now)
+    runner.reset()
+    return lat
+
+
+def mixed(local: InProcess, captions: list[Request], refers: list[Request], captioners: int,
+          window: float) -> dict:
+    """Refer latency idle, and under mixed load with each policy; p50 in ms."""
+    load = [captions[i::captioners] or captions for i in range(captioners)]
+    out = {"captioners": captioners, "window_s": window}
+    runs = {"idle": replay(local, [refers], "continuous", window / 2)}
+    for policy in ("continuous", "static"):
+        runs[policy] = replay(local, load + [refers], policy, window)
+    for name, lat in runs.items():
+        r = np.array(lat.get("refer", [np.nan]))
+        out[name] = {"refer_p50_ms": 1e3 * float(np.median(r)), "refer_n": int(np.isfinite(r).sum()),
+                     "caption_p50_ms": 1e3 * float(np.median(lat["caption"])) if "caption" in lat else None,
+                     "caption_n": len(lat.get("caption", []))}
+    out["continuous_over_idle"] = out["continuous"]["refer_p50_ms"] / out["idle"]["refer_p50_ms"]
+    out["static_over_idle"] = out["static"]["refer_p50_ms"] / out["idle"]["refer_p50_ms"]
+    return out

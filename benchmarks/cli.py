@@ -1,0 +1,217 @@
+"""`locca bench`: our engine and server against what a user would run instead, side by side in one run.
+
+    locca bench                      # --quick (default): every section, under 5 minutes on 2 CPU cores
+    locca bench --full               # longer windows, more rounds and sizes (about 20 minutes on 2 cores)
+    locca bench --device cuda        # the GPU mode: PyTorch CUDA (fp32, bf16), ONNX Runtime CUDA / TensorRT
+                                     # where the installed onnxruntime has them, HF on the GPU
+
+Sections (each prints its progress; the table at the end says which goals of issue 8 were met):
+  1. engine vs Hugging Face: the same dimensions as a transformers VisionEncoderDecoderModel, `generate()`
+     greedy with its KV cache, against our engine (ONNX Runtime, PyTorch; fp32, int8, bf16), the same number
+     of new tokens, batch 1 and 32; and the refer accuracy each of our variants keeps (held-out scenes)
+  2. serving: `locca serve` against a plain FastAPI app calling generate() per request, caption requests at
+     1, 8, 32 and 64 concurrent clients: throughput, p50 and p99 latency
+  3. continuous vs static batching: refer latency among long captions, against an idle worker
+  4. the limit: measured peak matrix-multiply rate, analytic model FLOPs (benchmarks/flops.py), the encoder's
+     and the whole request's model FLOPs utilisation
+  5. scaling: latency against output length and against images per call
+Every contender runs with the same number of threads (--threads). Writes benchmarks/results/bench_DEVICE_MODE
+.json and .png, and copies the plot to docs/bench_DEVICE.png for the README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    new_tokens: int = 32                         # tokens per request in sections 1, 4 and 5 (both sides)
+    batches: tuple[int, ...] = (1, 32)           # section 1
+    rounds: int = 3                              # rounds of turns; medians are reported
+    levels: tuple[int, ...] = (1, 8, 32, 64)     # section 2: concurrent clients
+    window_s: float = 4.0                        # section 2: seconds measured per level and server
+    mixed_window_s: float = 6.0                  # section 3: seconds measured per policy
+    captioners: int = 8                          # section 3: long-caption clients beside the refer client
+    accuracy_scenes: int = 32                    # section 1: held-out scenes for refer accuracy
+    encoder_batches: tuple[int, ...] = (1, 8, 32, 64)
+    lengths: tuple[int, ...] = (4, 8, 16, 32, 44)
+    images: tuple[int, ...] = (1, 4, 16, 32)
+    pool: int = 32                               # distinct scenes the servers are sent
+
+    def __post_init__(self):
+        if min(self.batches + self.levels + self.encoder_batches + self.lengths + self.images) < 1:
+            raise ValueError("batch sizes, levels and lengths must be >= 1")
+        if self.rounds < 1 or self.window_s <= 0 or self.mixed_window_s <= 0 or self.captioners < 1:
+            raise ValueError("need rounds >= 1, positive windows and captioners >= 1")
+
+
+MODES = {
+    "quick": BenchConfig(),
+    "full": BenchConfig(rounds=7, window_s=15.0, mixed_window_s=20.0, accuracy_scenes=200,
+                        encoder_batches=(1, 2, 4, 8, 16, 32, 64, 128), lengths=(2, 4, 8, 16, 24, 32, 40, 46),
+                        images=(1, 2, 4, 8, 16, 32, 64), pool=64),
+    # a few seconds, every code path, for tests/test_bench.py: no figure from it means anything
+    "smoke": BenchConfig(new_tokens=4, batches=(1, 2), rounds=1, levels=(1, 2), window_s=0.3, mixed_window_s=0.3,
+                         captioners=2, accuracy_scenes=2, encoder_batches=(1, 2), lengths=(2, 4), images=(1, 2),
+                         pool=4),
+}
+SECTIONS = ("engine", "serving", "batching", "limit", "scaling")
+
+
+def add_arguments(p) -> None:
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="the default: < 5 min on 2 cores")
+    mode.add_argument("--full", dest="mode", action="store_const", const="full", help="longer and wider")
+    p.set_defaults(mode="quick")
+    p.add_argument("--model", default="models/locca-tiny-shapes", help="model bundle (checkpoint; ONNX exported on demand)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (the GPU mode)")
+    p.add_argument("--threads", type=int, default=1, help=(
+        "intra-op threads of every contender, ours and the peers (default 1: on the 2-core machine the other "
+        "core runs the clients, the servers' HTTP and the neighbours' jobs)"))
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--out", default="benchmarks/results", help="directory for the JSON and the plot")
+    p.add_argument("--docs", default="docs", help="where the plot is copied for the README ('' = nowhere)")
+
+
+def run(args) -> int:
+    from . import report
+    cfg, sections = MODES[args.mode], [s for s in args.sections.split(",") if s]
+    if unknown := set(sections) - set(SECTIONS):
+        raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    if args.device != "cpu":  # a GPU needs far larger batches to fill
+        cfg = dataclasses.replace(cfg, encoder_batches=cfg.encoder_batches + (256, 1024), images=cfg.images + (128,))
+    t0 = time.perf_counter()
+    results = bench(cfg, args.model, args.device, args.threads, sections, mode=args.mode)
+    results["meta"]["seconds"] = round(time.perf_counter() - t0, 1)
+    print(report.table(results))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"bench_{'cpu' if args.device == 'cpu' else 'gpu'}_{args.mode}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1, default=float))
+    report.plot(results, stem.with_suffix(".png"))
+    if args.docs:
+        Path(args.docs).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(stem.with_suffix(".png"), Path(args.docs) / f"{stem.name.rsplit('_', 1)[0]}.png")
+    print(f"wrote {stem}.json and .png ({results['meta']['seconds']} s)")
+    return 0
+
+
+def say(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def meta(cfg: BenchConfig, model: str, device: str, threads: int, mode: str) -> dict:
+    import onnxruntime
+    import transformers
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    gpu = torch.cuda.get_device_name() if device.startswith("cuda") else None
+    return {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "mode": mode,
+            "command": "locca bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
+            "device": device, "gpu": gpu, "cpu": cpu, "cores": len(os.sched_getaffinity(0)),
+            "threads": threads, "model": model, "config": dataclasses.asdict(cfg),
+            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                         "transformers": transformers.__version__, "python": platform.python_version()}}
+
+
+def bench(cfg: BenchConfig, model: str, device: str = "cpu", threads: int = 1, sections=SECTIONS,
+          mode: str = "quick", backends=("onnxruntime", "torch")) -> dict:
+    """Run the chosen sections; returns everything measured (the JSON written by `run`)."""
+    from . import batching, engine, flops
+    from .contenders import contenders, request_pool
+    torch.set_num_threads(threads)
+    res = {"meta": meta(cfg, model, device, threads, mode)}
+    with tempfile.TemporaryDirectory() as tmp:
+        say(f"loading our backends and the Hugging Face peer ({device}, {threads} thread(s))")
+        cs, mcfg, onnx_dir = contenders(model, device, threads, Path(tmp), backends)
+        ours = [c for c in cs if not c.peer]
+        res["meta"] |= {"model_config": dataclasses.asdict(mcfg), "contenders": [c.name for c in cs],
+                        "default": ours[0].name}
+        say("4. peak matrix-multiply rate (fp32, bf16), measured again at the end")
+        peaks = [flops.peaks(device)]
+        res["flops"] = {"encode_per_image": flops.encode_flops(mcfg), "new_tokens": cfg.new_tokens,
+                        "request": flops.request_flops(mcfg, cfg.new_tokens)}
+        if "engine" in sections:
+            say(f"1. engine vs HF generate(): {cfg.new_tokens} tokens, batches {cfg.batches}, {cfg.rounds} rounds")
+            res["engine"] = engine.versus_peer(cs, cfg.batches, cfg.new_tokens, cfg.rounds, mcfg)
+            say(f"1. refer accuracy of our variants, {cfg.accuracy_scenes} held-out scenes")
+            res["accuracy"] = accuracy(ours, cfg.accuracy_scenes)
+        if "limit" in sections:
+            say(f"4. encoder model FLOPs utilisation, batches {cfg.encoder_batches}")
+            # int8 is left out: it has no measured peak to be a share of
+            res["encoder"] = engine.encoder_sweep([c for c in ours if c.precision != "int8"], cfg.encoder_batches,
+                                                  cfg.rounds, mcfg)
+        if "scaling" in sections:
+            say(f"5. scaling: lengths {cfg.lengths}, images per call {cfg.images}")
+            picks = [ours[0]] + [c for c in cs if c.peer and c.precision == "fp32"]
+            res["scaling"] = engine.scaling(picks, cfg.lengths, cfg.images, cfg.new_tokens, cfg.rounds, mcfg)
+        if "batching" in sections or "serving" in sections:
+            pool = request_pool(ours[0], cfg.pool)
+        if "batching" in sections:
+            say(f"3. continuous vs static batching: {cfg.captioners} long-caption clients + 1 refer client")
+            worker = batching_worker(ours[0], onnx_dir, model, device, threads)
+            res["batching"] = batching.mixed(worker, pool.captions, pool.refers, cfg.captioners, cfg.mixed_window_s)
+        if "serving" in sections:
+            res["serving"] = serve(cfg, model, device, threads, pool, mcfg, tmp)
+    peaks.append(flops.peaks(device))
+    res["peak"] = {k: max(p[k] for p in peaks) for k in peaks[0]}  # the best sample is the least interrupted
+    res["peak_runs"] = peaks
+    for r in res.get("encoder", []):
+        r["mfu"] = r["flops_per_s"] / res["peak"]["bf16" if r["precision"] == "bf16" else "fp32"]
+    return res
+
+
+def accuracy(ours: list, scenes: int) -> dict:
+    """Refer Acc@0.5 of each of our variants, its change in points from the first (fp32, the server's backend),
+    and the share of boxes identical to that one's."""
+    from model.evaluate import heldout_scenes
+
+    from .engine import refer_accuracy
+    held = heldout_scenes(scenes)
+    runs = [refer_accuracy(c, held) for c in ours]
+    ref = runs[0]
+    rows = [{"name": c.name, "precision": c.precision, "refer_acc50": r["refer_acc50"],
+             "delta_points": 100 * (r["refer_acc50"] - ref["refer_acc50"]),
+             "same_box": float(np.mean([a == b for a, b in zip(r["boxes"], ref["boxes"], strict=True)]))}
+            for c, r in zip(ours, runs, strict=True)]
+    return {"scenes": scenes, "questions": len(ref["boxes"]), "rows": rows}
+
+
+def batching_worker(default, onnx_dir, model: str, device: str, threads: int):
+    """The server's worker code in this process, on the backend the server would use (bench_server.InProcess)."""
+    from service.settings import Settings
+
+    from .bench_server import InProcess
+    ort = default.name.startswith("ours ort")
+    return InProcess(Settings(model=str(onnx_dir if ort else model), backend="onnxruntime" if ort else "torch",
+                              threads=threads, workers=1, device=device))
+
+
+def serve(cfg: BenchConfig, model: str, device: str, threads: int, pool, mcfg, tmp: str) -> dict:
+    from . import serving
+    from .flops import request_flops
+    ours_req, naive_req = serving.caption_requests(pool.images, pool.caption_tokens)
+    fed = [pool.prompt + n - 1 for n in pool.caption_tokens]  # decoder tokens of each caption request
+    out = {"mean_new_tokens": float(np.mean(pool.caption_tokens)),
+           "flops_per_request": float(np.mean([request_flops(mcfg, f) for f in fed]))}
+    say(f"2. serving: our server (locca serve), clients {cfg.levels}, {cfg.window_s} s each")
+    with serving.our_server(model, threads, device, f"{tmp}/ours.log") as s:
+        out["ours"] = serving.sweep(s.url, ours_req, cfg.levels, cfg.window_s, say)
+    say("2. serving: the naive FastAPI + HF generate() server")
+    with serving.naive_server(model, threads, device, "fp32", f"{tmp}/naive.log") as s:
+        out["naive"] = serving.sweep(s.url, naive_req, cfg.levels, cfg.window_s, say)
+    return out

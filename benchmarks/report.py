@@ -1,0 +1,173 @@
+"""The bench's results as a table (with the goals of issue 8, met or not) and as one figure."""
+
+from __future__ import annotations
+
+import math
+
+PEER = "hf generate fp32"
+
+
+def goals(res: dict) -> list[dict]:
+    """Each goal of issue 8 that the run measured: target, measured value, met."""
+    out = []
+
+    def goal(name, target, value, met, shown=None):
+        out.append({"goal": name, "target": target, "value": value, "measured": shown or f"{value:.2f}x",
+                    "met": bool(met) if math.isfinite(value) else False})
+
+    default = res["meta"]["default"]
+    if "engine" in res:
+        sec = {(r["name"], r["batch"]): r["seconds"] for r in res["engine"]}
+        b1, bn = min(b for _, b in sec), max(b for _, b in sec)
+        ratio = {(n, b): sec[PEER, b] / s for (n, b), s in sec.items()}
+        goal(f"1. latency at batch {b1}, fp32: HF / ours ({default})", ">= 5", ratio[default, b1],
+             ratio[default, b1] >= 5)
+        goal(f"1. throughput at batch {bn}, fp32: ours / HF", ">= 2", ratio[default, bn], ratio[default, bn] >= 2)
+        for a in res["accuracy"]["rows"]:  # each variant against the fp32 of its own backend
+            n, base = a["name"], a["name"].replace(a["precision"], "fp32")
+            if a["precision"] in ("int8", "bf16") and (base, b1) in sec:
+                more = ratio[n, b1] > ratio[base, b1] and ratio[n, bn] > ratio[base, bn]
+                goal(f"1. {n}: more than {base} at batch {b1} and {bn}; refer Acc@0.5 change", "> fp32, >= -1 pt",
+                     a["delta_points"], more and a["delta_points"] >= -1,
+                     f"{ratio[n, b1]:.2f}x, {ratio[n, bn]:.2f}x, {a['delta_points']:+.1f} pt")
+    if "serving" in res:
+        s = res["serving"]
+        level = min((r["clients"] for r in s["ours"]), key=lambda c: abs(c - 32))
+        x = _at(s["ours"], level)["throughput"] / _at(s["naive"], level)["throughput"]
+        goal(f"2. serving throughput at {level} clients: ours / naive", ">= 4", x, x >= 4)
+    if "batching" in res:
+        x = res["batching"]["continuous_over_idle"]
+        goal("3. refer p50 under mixed load / idle (continuous batching)", "<= 2", x, x <= 2)
+    if "encoder" in res:
+        best = max((r for r in res["encoder"] if r["name"] == default), key=lambda r: r["mfu"])
+        goal(f"4. encoder MFU at its best batch ({best['batch']}), {default}", ">= 50%", best["mfu"],
+             best["mfu"] >= 0.5, f"{100 * best['mfu']:.0f}%")
+    return out
+
+
+def _at(rows: list[dict], clients: int) -> dict:
+    return next(r for r in rows if r["clients"] == clients)
+
+
+def saturation(res: dict) -> list[tuple[str, float]]:
+    """Model FLOPs utilisation of whole requests at saturation: the engine at its largest batch, the server at
+    its most clients (caption requests, their mean length)."""
+    out, peak = [], res["peak"]["fp32"]
+    default = res["meta"]["default"]
+    if "engine" in res:
+        r = max((r for r in res["engine"] if r["name"] == default), key=lambda r: r["batch"])
+        out.append((f"engine, batch {r['batch']}, {r['new_tokens']} tokens", r["model_flops"] / r["seconds"] / peak))
+    if "serving" in res:
+        r = max(res["serving"]["ours"], key=lambda r: r["clients"])
+        out.append((f"server, {r['clients']} clients, captions of {res['serving']['mean_new_tokens']:.1f} tokens",
+                     r["throughput"] * res["serving"]["flops_per_request"] / peak))
+    return out
+
+
+def table(res: dict) -> str:
+    m = res["meta"]
+    lines = [f"LocCa bench --{m['mode']}  {m['date']}  {m['cpu']}, {m['cores']} cores"
+             + (f", {m['gpu']}" if m.get("gpu") else "") + f"  device {m['device']}, {m['threads']} thread(s)",
+             f"peak matmul: fp32 {res['peak']['fp32'] / 1e9:.1f} GFLOP/s, bf16 {res['peak']['bf16'] / 1e9:.1f} GFLOP/s;"
+             f" model FLOPs: encoder {res['flops']['encode_per_image'] / 1e6:.1f} M per image, request of "
+             f"{res['flops']['new_tokens']} tokens {res['flops']['request'] / 1e6:.1f} M"]
+    if "engine" in res:
+        sec = {(r["name"], r["batch"]): r["seconds"] for r in res["engine"]}
+        lines += ["", f"1. engine vs HF generate(): {res['engine'][0]['new_tokens']} new tokens, greedy, KV cache",
+                  f"   {'contender':<20}{'batch':>6}{'ms/call':>10}{'images/s':>10}{'vs HF':>8}"]
+        lines += [f"   {r['name']:<20}{r['batch']:>6}{1e3 * r['seconds']:>10.1f}{r['images_per_s']:>10.1f}"
+                  f"{sec[PEER, r['batch']] / r['seconds']:>8.2f}" for r in res["engine"]]
+        a = res["accuracy"]
+        lines.append(f"   refer Acc@0.5, {a['questions']} questions on {a['scenes']} held-out scenes: " + ", ".join(
+            f"{r['name']} {r['refer_acc50']:.3f} ({r['delta_points']:+.1f} pt, {100 * r['same_box']:.0f}% same boxes)"
+            for r in a["rows"]))
+    if "serving" in res:
+        s = res["serving"]
+        lines += ["", f"2. serving, caption requests (mean {s['mean_new_tokens']:.1f} tokens), closed loop",
+                  f"   {'clients':>7}{'ours req/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'naive req/s':>13}{'p50 ms':>9}"
+                  f"{'p99 ms':>9}{'x':>7}"]
+        for o, n in zip(s["ours"], s["naive"], strict=True):
+            lines.append(f"   {o['clients']:>7}{o['throughput']:>12.1f}{o['p50_ms']:>9.0f}{o['p99_ms']:>9.0f}"
+                         f"{n['throughput']:>13.1f}{n['p50_ms']:>9.0f}{n['p99_ms']:>9.0f}"
+                         f"{o['throughput'] / n['throughput']:>7.2f}")
+    if "batching" in res:
+        b = res["batching"]
+        lines += ["", f"3. refer p50 among {b['captioners']} long-caption clients: idle {b['idle']['refer_p50_ms']:.1f} ms;"
+                  f" continuous {b['continuous']['refer_p50_ms']:.1f} ms ({b['continuous_over_idle']:.2f}x idle);"
+                  f" static {b['static']['refer_p50_ms']:.1f} ms ({b['static_over_idle']:.2f}x idle)"]
+    if "encoder" in res:
+        lines += ["", "4. encoder model FLOPs utilisation (of the measured peak of its dtype), by batch"]
+        for name in dict.fromkeys(r["name"] for r in res["encoder"]):
+            lines.append(f"   {name:<20}" + "  ".join(f"b{r['batch']} {100 * r['mfu']:.0f}%"
+                                                     for r in res["encoder"] if r["name"] == name))
+        lines += [f"   whole requests at saturation: {k}: {100 * v:.0f}% MFU" for k, v in saturation(res)]
+    if "scaling" in res:
+        lines += ["", "5. scaling (ms per call)"]
+        for axis, key in (("length", "new_tokens"), ("images", "batch")):
+            for name in dict.fromkeys(r["name"] for r in res["scaling"][axis]):
+                lines.append(f"   {name:<20}{key:<11}" + "  ".join(
+                    f"{r[key]}: {1e3 * r['seconds']:.1f}" for r in res["scaling"][axis] if r["name"] == name))
+    lines += ["", f"   {'goal (issue 8)':<72}{'target':>18}{'measured':>26}  met"]
+    lines += [f"   {g['goal']:<72}{g['target']:>18}{g['measured']:>26}  {'yes' if g['met'] else 'NO'}"
+              for g in goals(res)]
+    return "\n".join(lines)
+
+
+def plot(res: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, 4, figsize=(22, 9))
+    ax = ax.ravel()
+    m = res["meta"]
+    fig.suptitle(f"locca bench --{m['mode']}, {m['date']}: {m['cpu']} ({m['cores']} cores)"
+                 + (f", {m['gpu']}" if m.get("gpu") else "") + f", device {m['device']}, {m['threads']} thread(s)")
+    if "engine" in res:
+        for a, b, key, label in ((ax[0], min, "seconds", "ms per call"), (ax[1], max, "images_per_s", "images/s")):
+            batch = b(r["batch"] for r in res["engine"])
+            rows = [r for r in res["engine"] if r["batch"] == batch]
+            vals = [1e3 * r[key] if key == "seconds" else r[key] for r in rows]
+            a.barh([r["name"] for r in rows], vals, color=["tab:gray" if r["peer"] else "tab:blue" for r in rows])
+            a.set_title(f"1. batch {batch}, {rows[0]['new_tokens']} tokens: {label}")
+            a.invert_yaxis()
+    if "serving" in res:
+        for key, a, label in (("throughput", ax[2], "requests/s"), ("p50_ms", ax[3], "latency ms (p50, p99 dashed)")):
+            for name, style in (("ours", "tab:blue"), ("naive", "tab:gray")):
+                rows = res["serving"][name]
+                a.plot([r["clients"] for r in rows], [r[key] for r in rows], "o-", color=style, label=name)
+                if key == "p50_ms":
+                    a.plot([r["clients"] for r in rows], [r["p99_ms"] for r in rows], "o--", color=style)
+            a.set_xscale("log", base=2)
+            a.set_yscale("log" if key == "p50_ms" else "linear")
+            a.set_title(f"2. serving: {label}")
+            a.set_xlabel("concurrent clients")
+            a.legend()
+    if "batching" in res:
+        b = res["batching"]
+        names = ["idle", "continuous", "static"]
+        ax[4].bar(names, [b[n]["refer_p50_ms"] for n in names], color=["tab:green", "tab:blue", "tab:gray"])
+        ax[4].axhline(2 * b["idle"]["refer_p50_ms"], color="k", ls=":", label="goal: 2x idle")
+        ax[4].set_title(f"3. refer p50 ms among {b['captioners']} long captions")
+        ax[4].legend()
+    if "encoder" in res:
+        for name in dict.fromkeys(r["name"] for r in res["encoder"]):
+            rows = [r for r in res["encoder"] if r["name"] == name]
+            ax[5].plot([r["batch"] for r in rows], [100 * r["mfu"] for r in rows], "o-", label=name)
+        ax[5].axhline(50, color="k", ls=":", label="goal 50%")
+        ax[5].set_xscale("log", base=2)
+        ax[5].set_title("4. encoder MFU % (of measured peak)")
+        ax[5].set_xlabel("images per call")
+        ax[5].legend(fontsize=8)
+    if "scaling" in res:
+        for a, axis, key, label in ((ax[6], "length", "new_tokens", "new tokens (batch 1)"),
+                                    (ax[7], "images", "batch", "images per call")):
+            for name in dict.fromkeys(r["name"] for r in res["scaling"][axis]):
+                rows = [r for r in res["scaling"][axis] if r["name"] == name]
+                a.plot([r[key] for r in rows], [1e3 * r["seconds"] for r in rows], "o-", label=name)
+            a.set_title(f"5. ms per call vs {label}")
+            a.set_xlabel(label)
+            a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,92 @@
+"""Section 2: our server against the naive one (benchmarks/naive_server.py), caption requests over HTTP at
+1, 8, 32 and 64 concurrent clients, both on this machine, both with the same threads and model dimensions.
+
+Each level is a closed loop: every client sends its next request as soon as its last one is answered. The
+measurement window opens once every client has had one answer (the queue has reached its steady state) and
+lasts `window` seconds; throughput is the answers completed inside it, latencies are theirs. Then the clients
+stop sending and wait for what they have in flight, so the next level starts on an idle server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+
+from service.launch import ROOT, ServerProcess, free_port, launch
+
+WARM_LIMIT_S = 300.0  # a level whose clients cannot all get one answer in this long is an error
+
+
+async def _closed_loop(url: str, requests: list[tuple[dict, dict]], clients: int, window: float) -> dict:
+    records: list[tuple[float, float]] = []
+    answered: set[int] = set()
+    phase: dict[str, float] = {}
+    t0 = time.perf_counter()
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=WARM_LIMIT_S, limits=limits) as http:
+        async def client(i: int) -> None:
+            k = i
+            while time.perf_counter() < phase.get("end", float("inf")):
+                files, data = requests[k % len(requests)]
+                k += clients
+                start = time.perf_counter()
+                r = await http.post("/v1/caption", files=files, data=data)
+                if r.status_code != 200:
+                    raise RuntimeError(f"{url}: {r.status_code} {r.text[:300]}")
+                end = time.perf_counter()
+                records.append((start, end))
+                answered.add(i)
+                if "start" not in phase and len(answered) == clients:
+                    phase["start"], phase["end"] = end, end + window
+                if "start" not in phase and end - t0 > WARM_LIMIT_S:
+                    raise TimeoutError(f"{url}: not every one of {clients} clients answered in {WARM_LIMIT_S} s")
+
+        await asyncio.gather(*(client(i) for i in range(clients)))
+    lat = np.array([e - s for s, e in records if phase["start"] < e <= phase["end"]])
+    return {"clients": clients, "requests": len(lat), "throughput": len(lat) / window,
+            "p50_ms": 1e3 * float(np.percentile(lat, 50)), "p99_ms": 1e3 * float(np.percentile(lat, 99))}
+
+
+def sweep(url: str, requests: list[tuple[dict, dict]], levels, window: float, progress=None) -> list[dict]:
+    rows = []
+    for c in levels:
+        rows.append(asyncio.run(_closed_loop(url, requests, c, window)))
+        if progress:
+            progress(f"{c} clients: {rows[-1]['throughput']:.1f} req/s, p50 {rows[-1]['p50_ms']:.0f} ms")
+    return rows
+
+
+@contextlib.contextmanager
+def naive_server(model: str, threads: int, device: str, dtype: str, log_path: str):
+    port = free_port()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.naive_server", "--model", str(model), "--port",
+                                 str(port), "--threads", str(threads), "--device", device, "--dtype", dtype],
+                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    server = ServerProcess(proc, port, 0, log_path)
+    try:
+        server.wait("/readyz", timeout=180)
+        yield server
+    finally:
+        server.stop()
+
+
+def our_server(model: str, threads: int, device: str, log_path: str):
+    """`locca serve` (service/launch.py): one worker, its default backend (ONNX Runtime) on a CPU, PyTorch on a
+    GPU (the lent GPU machines have no onnxruntime-gpu), every other setting its default."""
+    backend = "onnxruntime" if device == "cpu" else "torch"
+    return launch(log_path, model=model, backend=backend, threads=threads, workers=1, device=device)
+
+
+def caption_requests(images: list[bytes], new_tokens: list[int]) -> tuple[list, list]:
+    """The same images for both servers; the naive one is told how many tokens ours generates for each."""
+    ours = [({"image": ("scene.png", im, "image/png")}, {}) for im in images]
+    naive = [({"image": ("scene.png", im, "image/png")}, {"new_tokens": str(n)})
+             for im, n in zip(images, new_tokens, strict=True)]
+    return ours, naive
