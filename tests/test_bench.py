@@ -1,0 +1,106 @@
+"""`locca bench` on a tiny random model, in seconds: every section's code path, the table, the JSON and the plot,
+and the analytic FLOPs against torch's own counter. No timing is asserted: so short a run measures nothing."""
+
+import copy
+import json
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import report, serving
+from benchmarks.bench_server import requests_for
+from benchmarks.cli import MODES, bench
+from benchmarks.flops import encode_flops, token_flops
+from benchmarks.naive_server import build_app
+from benchmarks.peers import engine_generate, hf_generate, hf_model
+from model import checkpoint
+from model.config import BoxConfig
+from model.inference import TorchInference
+from service.launch import free_port
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory, tiny_model, tok):
+    """The random tiny model, nudged towards <eos> (as in test_service_e2e) so that its texts end early."""
+    model = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        e = model.tok_emb.weight[tok.eos_id]
+        model.ln.bias.copy_(4.0 * e / e.dot(e))
+    path = tmp_path_factory.mktemp("model") / "checkpoint.safetensors"
+    checkpoint.save(path, model, tok, BoxConfig(bins=64), step=1)
+    return path
+
+
+def finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def test_in_process_sections_table_json_and_plot(model_path, tmp_path):
+    res = bench(MODES["smoke"], str(model_path), sections=("engine", "limit", "scaling", "batching"), mode="smoke",
+                backends=("torch",))  # the ONNX paths are test_export's; an export would take this test 20 s
+    json.loads(json.dumps(res))
+    assert res["meta"]["default"] == "ours torch fp32" and res["peak"]["fp32"] > 0
+    assert {(r["name"], r["batch"]) for r in res["engine"]} == {
+        (n, b) for n in ("ours torch fp32", "ours torch bf16", "hf generate fp32") for b in (1, 2)}
+    assert all(finite(r["seconds"]) and r["seconds"] > 0 for r in res["engine"] + res["encoder"])
+    assert [r["name"] for r in res["accuracy"]["rows"]] == ["ours torch fp32", "ours torch bf16"]
+    assert res["accuracy"]["rows"][0]["same_box"] == 1.0 and res["accuracy"]["questions"] > 0
+    assert all(0 < r["mfu"] and finite(r["mfu"]) for r in res["encoder"])
+    assert {r["new_tokens"] for r in res["scaling"]["length"]} == {2, 4}
+    b = res["batching"]
+    assert b["idle"]["refer_n"] > 0 and b["continuous"]["refer_n"] > 0 and b["static"]["refer_n"] > 0
+    assert finite(b["continuous_over_idle"]) and finite(b["static_over_idle"])
+    goals = report.goals(res)
+    assert [g["goal"][:2] for g in goals] == ["1.", "1.", "1.", "3.", "4."]
+    assert all(finite(g["value"]) and isinstance(g["met"], bool) for g in goals)
+    text = report.table(res)
+    for part in ("1. engine vs HF", "3. refer p50", "4. encoder model FLOPs", "5. scaling", "goal (issue 8)"):
+        assert part in text
+    report.plot(res, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_closed_loop_against_the_naive_server(model_path):
+    cfg = checkpoint.load(model_path).model.cfg
+    server = uvicorn.Server(uvicorn.Config(build_app(cfg), host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        _, naive = serving.caption_requests([d for _, d, _ in requests_for(2)], [3, 5])
+        rows = serving.sweep(f"http://127.0.0.1:{server.config.port}", naive, (1, 3), 0.3)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert [r["clients"] for r in rows] == [1, 3]
+    assert all(r["requests"] > 0 and r["throughput"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"] for r in rows)
+
+
+def test_both_sides_generate_exactly_the_tokens_asked(tiny_model):
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 128, 128)).astype(np.float32)
+    assert engine_generate(TorchInference(tiny_model), pixels, 5).shape == (2, 5)
+    assert hf_generate(hf_model(tiny_model.cfg), torch.from_numpy(pixels), 5).shape == (2, 6)  # start token + 5
+
+
+def test_analytic_flops_match_torchs_counter(tiny_model):
+    """encode_flops against FlopCounterMode on encode + cross K/V; token_flops for a step at the last position,
+    where attending to every cache slot (what the graph does) is what the formula counts."""
+    c, m = tiny_model.cfg, tiny_model
+    # the math attention is matmuls the counter sees (it has no formula for the CPU's fused attention kernel)
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as fc:
+            ck, cv = m.cross_kv(m.encode(torch.zeros(1, 3, c.image_size, c.image_size)))
+        assert fc.get_total_flops() == encode_flops(c)
+        k, v = m.empty_cache(1)
+        S = c.max_seq_len
+        with FlopCounterMode(display=False) as fc:
+            m.decode_step(torch.ones(1, 1, dtype=torch.long), torch.full((1, 1), S - 1), k, v, ck, cv)
+        assert fc.get_total_flops() == token_flops(c, S - 1)
