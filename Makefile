@@ -56,3 +56,18 @@ loadtest: $(STAMP)  ## Locust against a running server (LOCCA_URL): CSV, HTML re
 
 image:  ## build the container image (IMAGE_TARGET=cpu|gpu; deploy/build_image.sh, podman without a Docker engine)
 	deploy/build_image.sh $(IMAGE_TARGET)
+
+# ---- reliability: fuzzing and the soak (tests/test_service_fuzz.py, tests/test_service_hostile.py, loadtests/soak.py)
+FUZZ_EXAMPLES ?= 1000
+SOAK_TIME     ?= 600
+SOAK_FACTOR   ?= 2
+SOAK_QUEUE    ?= 32
+
+.PHONY: fuzz soak
+
+fuzz: $(STAMP)  ## longer fuzzing: hypothesis targets + schemathesis on the OpenAPI schema, FUZZ_EXAMPLES each
+	LOCCA_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider \
+	  tests/test_service_fuzz.py tests/test_service_hostile.py -k "fuzz or still_ready"
+
+soak: $(STAMP)  ## SOAK_TIME s (600) of mixed load at SOAK_FACTOR x measured capacity, own server: loadtests/results/soak.*
+	$(BIN)/python loadtests/soak.py --time $(SOAK_TIME) --factor $(SOAK_FACTOR) --queue $(SOAK_QUEUE)
