@@ -87,14 +87,19 @@ def replay(local: InProcess, clients: list[list[Request]], policy: str, window: 
     return lat
 
 
-def mixed(local: InProcess, captions: list[Request], refers: list[Request], captioners: int,
-          window: float) -> dict:
-    """Refer latency idle, and under mixed load with each policy; p50 in ms."""
+def mixed(local: InProcess, captions: list[Request], refers: list[Request], captioners: int, window: float,
+          turns: int = 2) -> dict:
+    """Refer latency idle, and under mixed load with each policy; p50 in ms. The three runs take `turns` turns
+    (a share of the window each), so that a change in the machine's load falls on all of them."""
     load = [captions[i::captioners] or captions for i in range(captioners)]
+    runs: dict[str, dict[str, list[float]]] = {"idle": {}, "continuous": {}, "static": {}}
+    for _ in range(turns):
+        for name, clients, policy, share in (("idle", [refers], "continuous", 0.5),
+                                             ("continuous", load + [refers], "continuous", 1.0),
+                                             ("static", load + [refers], "static", 1.0)):
+            for kind, lat in replay(local, clients, policy, share * window / turns).items():
+                runs[name].setdefault(kind, []).extend(lat)
     out = {"captioners": captioners, "window_s": window}
-    runs = {"idle": replay(local, [refers], "continuous", window / 2)}
-    for policy in ("continuous", "static"):
-        runs[policy] = replay(local, load + [refers], policy, window)
     for name, lat in runs.items():
         r = np.array(lat.get("refer", [np.nan]))
         out[name] = {"refer_p50_ms": 1e3 * float(np.median(r)), "refer_n": int(np.isfinite(r).sum()),

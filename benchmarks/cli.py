@@ -41,16 +41,17 @@ import torch
 class BenchConfig:
     new_tokens: int = 32                         # tokens per request in sections 1, 4 and 5 (both sides)
     batches: tuple[int, ...] = (1, 32)           # section 1
-    rounds: int = 3                              # rounds of turns; medians are reported
+    rounds: int = 5                              # rounds of turns; medians are reported
     levels: tuple[int, ...] = (1, 8, 32, 64)     # section 2: concurrent clients
     window_s: float = 4.0                        # section 2: seconds measured per level and server
     mixed_window_s: float = 6.0                  # section 3: seconds measured per policy
     captioners: int = 8                          # section 3: long-caption clients beside the refer client
-    accuracy_scenes: int = 32                    # section 1: held-out scenes for refer accuracy
+    accuracy_scenes: int = 100                   # section 1: held-out scenes for refer accuracy
     encoder_batches: tuple[int, ...] = (1, 8, 32, 64)
     lengths: tuple[int, ...] = (4, 8, 16, 32, 44)
     images: tuple[int, ...] = (1, 4, 16, 32)
     pool: int = 32                               # distinct scenes the servers are sent
+    peak_s: float = 2.0                          # seconds per dtype measuring the peak, at the start and the end
 
     def __post_init__(self):
         if min(self.batches + self.levels + self.encoder_batches + self.lengths + self.images) < 1:
@@ -61,13 +62,13 @@ class BenchConfig:
 
 MODES = {
     "quick": BenchConfig(),
-    "full": BenchConfig(rounds=7, window_s=15.0, mixed_window_s=20.0, accuracy_scenes=200,
+    "full": BenchConfig(rounds=9, window_s=15.0, mixed_window_s=20.0, accuracy_scenes=500,
                         encoder_batches=(1, 2, 4, 8, 16, 32, 64, 128), lengths=(2, 4, 8, 16, 24, 32, 40, 46),
                         images=(1, 2, 4, 8, 16, 32, 64), pool=64),
     # a few seconds, every code path, for tests/test_bench.py: no figure from it means anything
     "smoke": BenchConfig(new_tokens=4, batches=(1, 2), rounds=1, levels=(1, 2), window_s=0.3, mixed_window_s=0.3,
                          captioners=2, accuracy_scenes=2, encoder_batches=(1, 2), lengths=(2, 4), images=(1, 2),
-                         pool=4),
+                         pool=4, peak_s=0.1),
 }
 SECTIONS = ("engine", "serving", "batching", "limit", "scaling")
 
@@ -142,7 +143,7 @@ def bench(cfg: BenchConfig, model: str, device: str = "cpu", threads: int = 1, s
         res["meta"] |= {"model_config": dataclasses.asdict(mcfg), "contenders": [c.name for c in cs],
                         "default": ours[0].name}
         say("4. peak matrix-multiply rate (fp32, bf16), measured again at the end")
-        peaks = [flops.peaks(device)]
+        peaks = [flops.peaks(device, cfg.peak_s)]
         res["flops"] = {"encode_per_image": flops.encode_flops(mcfg), "new_tokens": cfg.new_tokens,
                         "request": flops.request_flops(mcfg, cfg.new_tokens)}
         if "engine" in sections:
@@ -167,7 +168,7 @@ def bench(cfg: BenchConfig, model: str, device: str = "cpu", threads: int = 1, s
             res["batching"] = batching.mixed(worker, pool.captions, pool.refers, cfg.captioners, cfg.mixed_window_s)
         if "serving" in sections:
             res["serving"] = serve(cfg, model, device, threads, pool, mcfg, tmp)
-    peaks.append(flops.peaks(device))
+    peaks.append(flops.peaks(device, cfg.peak_s))
     res["peak"] = {k: max(p[k] for p in peaks) for k in peaks[0]}  # the best sample is the least interrupted
     res["peak_runs"] = peaks
     for r in res.get("encoder", []):
@@ -210,7 +211,7 @@ def serve(cfg: BenchConfig, model: str, device: str, threads: int, pool, mcfg, t
            "flops_per_request": float(np.mean([request_flops(mcfg, f) for f in fed]))}
     say(f"2. serving: our server (locca serve), clients {cfg.levels}, {cfg.window_s} s each")
     with serving.our_server(model, threads, device, f"{tmp}/ours.log") as s:
-        out["ours"] = serving.sweep(s.url, ours_req, cfg.levels, cfg.window_s, say)
+        out["ours"] = serving.sweep(s.url, ours_req, cfg.levels, cfg.window_s, say, lambda: serving.batch_counters(s))
     say("2. serving: the naive FastAPI + HF generate() server")
     with serving.naive_server(model, threads, device, "fp32", f"{tmp}/naive.log") as s:
         out["naive"] = serving.sweep(s.url, naive_req, cfg.levels, cfg.window_s, say)

@@ -72,5 +72,5 @@ def peak_matmul(device: str = "cpu", dtype: torch.dtype = torch.float32, seconds
     return best
 
 
-def peaks(device: str) -> dict[str, float]:
-    return {"fp32": peak_matmul(device, torch.float32), "bf16": peak_matmul(device, torch.bfloat16)}
+def peaks(device: str, seconds: float = 2.0) -> dict[str, float]:
+    return {"fp32": peak_matmul(device, torch.float32, seconds), "bf16": peak_matmul(device, torch.bfloat16, seconds)}

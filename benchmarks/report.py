@@ -85,11 +85,14 @@ def table(res: dict) -> str:
         s = res["serving"]
         lines += ["", f"2. serving, caption requests (mean {s['mean_new_tokens']:.1f} tokens), closed loop",
                   f"   {'clients':>7}{'ours req/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'naive req/s':>13}{'p50 ms':>9}"
-                  f"{'p99 ms':>9}{'x':>7}"]
+                  f"{'p99 ms':>9}{'x':>7}   ours: images per prefill, rows per decode step"]
         for o, n in zip(s["ours"], s["naive"], strict=True):
+            b = o.get("server", {})
             lines.append(f"   {o['clients']:>7}{o['throughput']:>12.1f}{o['p50_ms']:>9.0f}{o['p99_ms']:>9.0f}"
                          f"{n['throughput']:>13.1f}{n['p50_ms']:>9.0f}{n['p99_ms']:>9.0f}"
-                         f"{o['throughput'] / n['throughput']:>7.2f}")
+                         f"{o['throughput'] / n['throughput']:>7.2f}   "
+                         + (f"{b['prefill_images'] / max(b['prefills'], 1):.1f}, "
+                            f"{b['decode_rows'] / max(b['decode_steps'], 1):.1f}" if b else ""))
     if "batching" in res:
         b = res["batching"]
         lines += ["", f"3. refer p50 among {b['captioners']} long-caption clients: idle {b['idle']['refer_p50_ms']:.1f} ms;"

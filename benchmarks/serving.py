@@ -53,10 +53,15 @@ async def _closed_loop(url: str, requests: list[tuple[dict, dict]], clients: int
             "p50_ms": 1e3 * float(np.percentile(lat, 50)), "p99_ms": 1e3 * float(np.percentile(lat, 99))}
 
 
-def sweep(url: str, requests: list[tuple[dict, dict]], levels, window: float, progress=None) -> list[dict]:
+def sweep(url: str, requests: list[tuple[dict, dict]], levels, window: float, progress=None, probe=None) -> list[dict]:
+    """One closed loop per level. probe: a callable returning counters of the server (dict of floats); each
+    row gets their change over its level under "server"."""
     rows = []
     for c in levels:
+        before = probe() if probe else {}
         rows.append(asyncio.run(_closed_loop(url, requests, c, window)))
+        if probe:
+            rows[-1]["server"] = {k: v - before[k] for k, v in probe().items()}
         if progress:
             progress(f"{c} clients: {rows[-1]['throughput']:.1f} req/s, p50 {rows[-1]['p50_ms']:.0f} ms")
     return rows
@@ -82,6 +87,15 @@ def our_server(model: str, threads: int, device: str, log_path: str):
     GPU (the lent GPU machines have no onnxruntime-gpu), every other setting its default."""
     backend = "onnxruntime" if device == "cpu" else "torch"
     return launch(log_path, model=model, backend=backend, threads=threads, workers=1, device=device)
+
+
+def batch_counters(server: ServerProcess) -> dict[str, float]:
+    """Our server's batching, from /metrics: prefill calls and the images they encoded, decode steps and rows."""
+    m = server.metric
+    return {"prefills": m("locca_batch_size_count", 'kind="prefill"'),
+            "prefill_images": m("locca_batch_size_sum", 'kind="prefill"'),
+            "decode_steps": m("locca_batch_size_count", 'kind="decode"'),
+            "decode_rows": m("locca_batch_size_sum", 'kind="decode"')}
 
 
 def caption_requests(images: list[bytes], new_tokens: list[int]) -> tuple[list, list]:
