@@ -171,8 +171,8 @@ def bench(cfg: BenchConfig, model: str, device: str = "cpu", threads: int = 1, s
     peaks.append(flops.peaks(device, cfg.peak_s))
     res["peak"] = {k: max(p[k] for p in peaks) for k in peaks[0]}  # the best sample is the least interrupted
     res["peak_runs"] = peaks
-    for r in res.get("encoder", []):
-        r["mfu"] = r["flops_per_s"] / res["peak"]["bf16" if r["precision"] == "bf16" else "fp32"]
+    for r in res.get("encoder", []):  # half precision against the bf16 peak (fp16's is the same on GPUs)
+        r["mfu"] = r["flops_per_s"] / res["peak"]["fp32" if r["precision"] == "fp32" else "bf16"]
     return res
 
 
@@ -209,10 +209,14 @@ def serve(cfg: BenchConfig, model: str, device: str, threads: int, pool, mcfg, t
     fed = [pool.prompt + n - 1 for n in pool.caption_tokens]  # decoder tokens of each caption request
     out = {"mean_new_tokens": float(np.mean(pool.caption_tokens)),
            "flops_per_request": float(np.mean([request_flops(mcfg, f) for f in fed]))}
-    say(f"2. serving: our server (locca serve), clients {cfg.levels}, {cfg.window_s} s each")
-    with serving.our_server(model, threads, device, f"{tmp}/ours.log") as s:
-        out["ours"] = serving.sweep(s.url, ours_req, cfg.levels, cfg.window_s, say, lambda: serving.batch_counters(s))
-    say("2. serving: the naive FastAPI + HF generate() server")
-    with serving.naive_server(model, threads, device, "fp32", f"{tmp}/naive.log") as s:
-        out["naive"] = serving.sweep(s.url, naive_req, cfg.levels, cfg.window_s, say)
+    say("2. serving: starting our server (locca serve) and the naive one (FastAPI + HF generate())")
+    with serving.our_server(model, threads, device, f"{tmp}/ours.log") as o, \
+            serving.naive_server(model, threads, device, "fp32", f"{tmp}/naive.log") as n:
+        out["ours"], out["naive"] = [], []
+        turns = [("ours", o, ours_req, lambda: serving.batch_counters(o)), ("naive", n, naive_req, None)]
+        for i, level in enumerate(cfg.levels):  # the servers take turns, level by level, each going first in turn
+            for name, server, reqs, probe in turns if i % 2 == 0 else turns[::-1]:
+                out[name] += serving.sweep(server.url, reqs, [level], cfg.window_s, probe=probe)
+                r = out[name][-1]
+                say(f"2. {name}, {level} clients: {r['throughput']:.1f} req/s, p50 {r['p50_ms']:.0f} ms")
     return out

@@ -21,7 +21,11 @@ from .bench_server import requests_for
 from .engine import Contender
 from .peers import hf_model
 
-ORT_GPU = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+# ONNX Runtime's GPU EPs: (provider, contender name, precision). The TensorRT EP builds fp16 engines
+# (export/trt_build.py's options), from the fp32 bundle, the first time it loads them (minutes).
+ORT_GPU = {"cuda": ("CUDAExecutionProvider", "ours ort-cuda fp32", "fp32"),
+           "tensorrt": ("TensorrtExecutionProvider", "ours ort-trt fp16", "fp16")}
+TRT_MAX_BATCH = 64  # trt_provider_options' default profile: rows 1 / 8 / 64
 
 
 def contenders(model: str, device: str, threads: int, tmp: Path, backends=("onnxruntime", "torch")
@@ -31,11 +35,13 @@ def contenders(model: str, device: str, threads: int, tmp: Path, backends=("onnx
     CUDA and TensorRT EPs where the installed onnxruntime has them (onnxruntime-gpu). Returns the contenders,
     the model config and the fp32 ONNX bundle (exported on first use, as the server does; None without
     onnxruntime among `backends`)."""
-    def ours(name, precision, loaded):
-        return Contender(name, precision, inference=loaded.inference, tasks=loaded.tasks, device=device)
+    def ours(name, precision, loaded, max_batch=None):
+        return Contender(name, precision, inference=loaded.inference, tasks=loaded.tasks, device=device,
+                         max_batch=max_batch)
 
+    gpu_eps = [k for k, (provider, _, _) in ORT_GPU.items() if provider in ort.get_available_providers()]
     onnx_dir = None
-    if "onnxruntime" in backends:
+    if "onnxruntime" in backends and (device == "cpu" or gpu_eps):
         src = resolve(Settings(model=model, backend="onnxruntime"))
         onnx_dir = Path(src.path) if src.backend == "onnxruntime" else None
     torch_side = [ours(f"ours torch {p}", p, load_inference(model, "torch", device, threads, dtype=p))
@@ -48,9 +54,8 @@ def contenders(model: str, device: str, threads: int, tmp: Path, backends=("onnx
               ours("ours ort int8", "int8", load_inference(int8, "onnxruntime", "cpu", threads))]
     cs += torch_side
     if device != "cpu" and onnx_dir is not None:
-        have = ort.get_available_providers()
-        cs += [ours(f"ours ort-{k} fp32", "fp32", load_inference(onnx_dir, "onnxruntime", k, threads))
-               for k, p in ORT_GPU.items() if p in have]
+        cs += [ours(ORT_GPU[k][1], ORT_GPU[k][2], load_inference(onnx_dir, "onnxruntime", k, threads),
+                    TRT_MAX_BATCH if k == "tensorrt" else None) for k in gpu_eps]
     cfg = cs[0].inference.cfg
     peers = [Contender("hf generate fp32", "fp32", hf=hf_model(cfg, device), device=device)]
     if device != "cpu":  # on a GPU the peer gets bf16 too

@@ -33,6 +33,7 @@ class Contender:
     hf: object = None          # the peer: a VisionEncoderDecoderModel
     tasks: object = None       # ours: prompts and parsing, for the accuracy check
     device: str = "cpu"
+    max_batch: int | None = None  # the largest batch it takes (TensorRT: its profile's), if it has one
 
     @property
     def peer(self) -> bool:
@@ -107,10 +108,10 @@ def refer_accuracy(c: Contender, scenes, batch: int = 32) -> dict:
 
 def encoder_sweep(contenders: list[Contender], batches, rounds: int, cfg) -> list[dict]:
     """Section 4: the encoder's model FLOP/s at each batch size (the caller divides by the peak of its dtype)."""
-    timers = {(c.name, b): encode_timer(c, b, cfg.image_size) for b in batches for c in contenders}
-    med = take_turns(timers, rounds)
+    pairs = [(c, b) for c in contenders for b in batches if b <= (c.max_batch or b)]
+    med = take_turns({(c.name, b): encode_timer(c, b, cfg.image_size) for c, b in pairs}, rounds)
     return [{"name": c.name, "precision": c.precision, "batch": b, "seconds": med[c.name, b],
-             "flops_per_s": b * encode_flops(cfg) / med[c.name, b]} for c in contenders for b in batches]
+             "flops_per_s": b * encode_flops(cfg) / med[c.name, b]} for c, b in pairs]
 
 
 def scaling(contenders: list[Contender], lengths, images, new_tokens: int, rounds: int, cfg) -> dict:

@@ -52,7 +52,7 @@ def hf_model(c: ModelConfig, device: str = "cpu", dtype: torch.dtype = torch.flo
 def hf_generate(model, pixels: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """(B, 3, S, S) -> (B, 1 + new_tokens) token ids, greedy, KV cache on."""
     with torch.inference_mode():
-        return model.generate(pixel_values=pixels, max_new_tokens=new_tokens, min_new_tokens=None)
+        return model.generate(pixel_values=pixels, max_new_tokens=new_tokens)
 
 
 def engine_generate(inf, pixels: np.ndarray, new_tokens: int) -> np.ndarray:

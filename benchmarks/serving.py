@@ -4,7 +4,8 @@
 Each level is a closed loop: every client sends its next request as soon as its last one is answered. The
 measurement window opens once every client has had one answer (the queue has reached its steady state) and
 lasts `window` seconds; throughput is the answers completed inside it, latencies are theirs. Then the clients
-stop sending and wait for what they have in flight, so the next level starts on an idle server.
+stop sending and wait for what they have in flight, so the next level starts on an idle server. Both servers
+run throughout and take turns level by level (bench's `serve`), so a change in the machine's load falls on both.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ async def _closed_loop(url: str, requests: list[tuple[dict, dict]], clients: int
             "p50_ms": 1e3 * float(np.percentile(lat, 50)), "p99_ms": 1e3 * float(np.percentile(lat, 99))}
 
 
-def sweep(url: str, requests: list[tuple[dict, dict]], levels, window: float, progress=None, probe=None) -> list[dict]:
+def sweep(url: str, requests: list[tuple[dict, dict]], levels, window: float, probe=None) -> list[dict]:
     """One closed loop per level. probe: a callable returning counters of the server (dict of floats); each
     row gets their change over its level under "server"."""
     rows = []
@@ -62,8 +63,6 @@ def sweep(url: str, requests: list[tuple[dict, dict]], levels, window: float, pr
         rows.append(asyncio.run(_closed_loop(url, requests, c, window)))
         if probe:
             rows[-1]["server"] = {k: v - before[k] for k, v in probe().items()}
-        if progress:
-            progress(f"{c} clients: {rows[-1]['throughput']:.1f} req/s, p50 {rows[-1]['p50_ms']:.0f} ms")
     return rows
 
 
