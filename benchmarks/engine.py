@@ -19,7 +19,7 @@ import torch
 from model.predictor import Ask, Predictor, iou
 
 from .flops import encode_flops, request_flops, sync
-from .peers import engine_generate, hf_generate
+from .peers import engine_generate, hf_encode, hf_generate
 
 Timer = Callable[[], float]
 
@@ -52,44 +52,46 @@ def take_turns(timers: dict, rounds: int, warmup: int = 1) -> dict:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def generate_timer(c: Contender, batch: int, new_tokens: int, image_size: int) -> Timer:
-    pixels = np.random.default_rng(batch).standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
-    if c.peer:
-        x = torch.from_numpy(pixels).to(c.device, next(c.hf.parameters()).dtype)
-
-        def run() -> float:
-            t = time.perf_counter()
-            hf_generate(c.hf, x, new_tokens)
-            sync(c.device)
-            return time.perf_counter() - t
-        return run
-
+def timer(call: Callable[[], object], device: str) -> Timer:
     def run() -> float:
         t = time.perf_counter()
-        engine_generate(c.inference, pixels, new_tokens)  # ends with logits on the host: synchronised
+        call()
+        sync(device)  # a GPU works asynchronously: wait for it (our `step` returns host logits anyway)
         return time.perf_counter() - t
     return run
+
+
+def _inputs(c: Contender, batch: int, image_size: int):
+    pixels = np.random.default_rng(batch).standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
+    return torch.from_numpy(pixels).to(c.device, next(c.hf.parameters()).dtype) if c.peer else pixels
+
+
+def generate_timer(c: Contender, batch: int, new_tokens: int, image_size: int) -> Timer:
+    x = _inputs(c, batch, image_size)
+    if c.peer:
+        return timer(lambda: hf_generate(c.hf, x, new_tokens), c.device)
+    return timer(lambda: engine_generate(c.inference, x, new_tokens), c.device)
 
 
 def encode_timer(c: Contender, batch: int, image_size: int) -> Timer:
-    pixels = np.random.default_rng(batch).standard_normal((batch, 3, image_size, image_size)).astype(np.float32)
-
-    def run() -> float:
-        t = time.perf_counter()
-        cross = c.inference.encode(pixels)
-        if isinstance(getattr(cross, "k", None), torch.Tensor):
-            sync(str(cross.k.device))
-        return time.perf_counter() - t
-    return run
+    """Ours: `encode`, the ViT and every layer's cross-attention K/V. HF: its ViT (it computes the cross K/V in
+    its first decoder step)."""
+    x = _inputs(c, batch, image_size)
+    if c.peer:
+        return timer(lambda: hf_encode(c.hf, x), c.device)
+    return timer(lambda: c.inference.encode(x), c.device)
 
 
 def versus_peer(contenders: list[Contender], batches, new_tokens: int, rounds: int, cfg) -> list[dict]:
-    """Section 1: seconds per call of `new_tokens` greedy tokens for each contender and batch size."""
+    """Section 1: seconds per call of `new_tokens` greedy tokens for each contender and batch size, and of its
+    encoder alone (the rest, per token, is the decoder's share)."""
     timers = {(c.name, b): generate_timer(c, b, new_tokens, cfg.image_size) for b in batches for c in contenders}
+    timers |= {(c.name, b, "encode"): encode_timer(c, b, cfg.image_size) for b in batches for c in contenders}
     med = take_turns(timers, rounds)
     return [{"name": c.name, "precision": c.precision, "peer": c.peer, "batch": b, "new_tokens": new_tokens,
              "seconds": med[c.name, b], "images_per_s": b / med[c.name, b],
-             "tokens_per_s": b * new_tokens / med[c.name, b],
+             "tokens_per_s": b * new_tokens / med[c.name, b], "encode_seconds": med[c.name, b, "encode"],
+             "decode_seconds_per_token": (med[c.name, b] - med[c.name, b, "encode"]) / new_tokens,
              "model_flops": b * request_flops(cfg, new_tokens)} for b in batches for c in contenders]
 
 

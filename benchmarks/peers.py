@@ -55,6 +55,11 @@ def hf_generate(model, pixels: torch.Tensor, new_tokens: int) -> torch.Tensor:
         return model.generate(pixel_values=pixels, max_new_tokens=new_tokens)
 
 
+def hf_encode(model, pixels: torch.Tensor):
+    with torch.inference_mode():
+        return model.encoder(pixel_values=pixels)
+
+
 def engine_generate(inf, pixels: np.ndarray, new_tokens: int) -> np.ndarray:
     """Our engine, the same work as `hf_generate`: encode, then `new_tokens` decoder calls of one token per
     row, greedy. (B, 3, S, S) float32 numpy -> (B, new_tokens) token ids."""

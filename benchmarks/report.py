@@ -74,9 +74,11 @@ def table(res: dict) -> str:
     if "engine" in res:
         sec = {(r["name"], r["batch"]): r["seconds"] for r in res["engine"]}
         lines += ["", f"1. engine vs HF generate(): {res['engine'][0]['new_tokens']} new tokens, greedy, KV cache",
-                  f"   {'contender':<20}{'batch':>6}{'ms/call':>10}{'images/s':>10}{'vs HF':>8}"]
+                  f"   {'contender':<20}{'batch':>6}{'ms/call':>10}{'images/s':>10}{'vs HF':>8}{'encoder ms':>12}"
+                  f"{'ms/token':>10}"]
         lines += [f"   {r['name']:<20}{r['batch']:>6}{1e3 * r['seconds']:>10.1f}{r['images_per_s']:>10.1f}"
-                  f"{sec[PEER, r['batch']] / r['seconds']:>8.2f}" for r in res["engine"]]
+                  f"{sec[PEER, r['batch']] / r['seconds']:>8.2f}{1e3 * r['encode_seconds']:>12.1f}"
+                  f"{1e3 * r['decode_seconds_per_token']:>10.2f}" for r in res["engine"]]
         a = res["accuracy"]
         lines.append(f"   refer Acc@0.5, {a['questions']} questions on {a['scenes']} held-out scenes: " + ", ".join(
             f"{r['name']} {r['refer_acc50']:.3f} ({r['delta_points']:+.1f} pt, {100 * r['same_box']:.0f}% same boxes)"
