@@ -10,7 +10,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from .errors import InvalidRequest, RequestTimeout, TooLarge, UnsupportedMediaType
+from .errors import InvalidRequest, QueueFull, RequestTimeout, TooLarge, UnsupportedMediaType
 from .schemas import b64_image
 
 DRAIN_EXTRA_BYTES = 8 << 20  # read (and drop) this much past the limit so the client gets its 413
@@ -76,23 +76,28 @@ def _explain(e: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
 
 
-class BodyDeadline:
-    """ASGI middleware: a request's body must have arrived `seconds` after its headers, else 408. A client
-    that trickles its body (or declares more than it sends) would otherwise hold a connection and its buffer
-    for as long as it likes; only the body is timed, not the answer."""
+class BodyGuard:
+    """ASGI middleware bounding what request bodies cost while they arrive and are held:
 
-    def __init__(self, app, seconds: float):
-        self.app, self.seconds = app, seconds
+    * time: a body must have arrived `seconds` after its headers, else 408 (a client that trickles its body, or
+      declares more than it sends, would otherwise hold a connection and its buffer as long as it likes);
+    * memory: the bodies of all requests in progress together stay under `budget` bytes (each counted up to
+      `limit`, max_body_bytes: read_body keeps no more). A body that would go over is read to its end and
+      dropped, and answered 429 with Retry-After, as a full queue is: a flood of large uploads costs
+      bandwidth, not memory, before admission control (engine.py) ever sees it.
+    Only the body is timed and counted, not the answer."""
+
+    def __init__(self, app, seconds: float, budget: int, limit: int, retry_after: int = 1):
+        self.app, self.seconds, self.budget, self.limit, self.retry_after = app, seconds, budget, limit, retry_after
+        self.held = 0  # bytes of the bodies of requests in progress (one event loop: no lock)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        deadline, complete = asyncio.get_running_loop().time() + self.seconds, False
+        deadline, complete, mine = asyncio.get_running_loop().time() + self.seconds, False, 0
 
-        async def receive_in_time():
+        async def next_message():
             nonlocal complete
-            if complete:
-                return await receive()
             try:
                 async with asyncio.timeout_at(deadline):
                     message = await receive()
@@ -102,7 +107,24 @@ class BodyDeadline:
             complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
-        return await self.app(scope, receive_in_time, send)
+        async def receive_guarded():
+            nonlocal mine
+            if complete:
+                return await receive()
+            message = await next_message()
+            size = min(len(message.get("body", b"")), self.limit - mine)
+            if self.held + size > self.budget:
+                while not complete:  # drop the rest, so that the client reads its 429
+                    await next_message()
+                raise QueueFull("the server is receiving too much at once; retry later",
+                                retry_after=self.retry_after)
+            self.held, mine = self.held + size, mine + size
+            return message
+
+        try:
+            return await self.app(scope, receive_guarded, send)
+        finally:
+            self.held -= mine
 
 
 def client_timeout(request: Request) -> float | None:

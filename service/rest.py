@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect
 from . import demo, logs, metrics, render
 from . import schemas as api
 from .auth import ApiKeys, RestApiKeys
-from .body import BodyDeadline, body_doc, client_timeout, read_request
+from .body import BodyGuard, body_doc, client_timeout, read_request
 from .engine import Engine
 from .errors import Internal, InvalidRequest, ServiceError, Unavailable
 from .settings import Settings
@@ -117,7 +117,8 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         "LocCa (Wan et al., NeurIPS 2024): captions, referring expressions and grounded captions. Boxes are "
         "[x0, y0, x1, y1] in pixels of the image as sent, after EXIF orientation. The contract: "
         "shared/specs/api.md; gRPC: proto/locca/v1/locca.proto on the gRPC port."))
-    app.add_middleware(BodyDeadline, seconds=settings.body_timeout_s)
+    app.add_middleware(BodyGuard, seconds=settings.body_timeout_s, budget=settings.max_buffered_bytes,
+                       limit=settings.max_body_bytes, retry_after=settings.retry_after_s)
     if keys := ApiKeys.from_settings(settings):
         app.add_middleware(RestApiKeys, keys=keys)
     app.add_middleware(RequestContext)  # outermost: it sees (counts, logs) every answer, 401s included

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(30.0, gt=0, description=(
         "longest a client may take to send a REST request's body; slower is 408 (slow or stalled uploads "
         "must not hold connections and buffers)"))
+    max_buffered_bytes: int = Field(256 << 20, ge=1024, description=(
+        "most bytes of REST bodies held at once, across all requests in progress; a body that would go over is "
+        "read, dropped and answered 429 (a flood of large uploads must not exhaust memory)"))
     image_threads: int = Field(4, ge=1, description="threads decoding and preprocessing images")
 
     # --- access -------------------------------------------------------------------------------------
@@ -75,6 +78,8 @@ class Settings(BaseSettings):
             raise ValueError("port and grpc_port must differ")
         if self.max_body_bytes < self.max_image_bytes:
             raise ValueError("max_body_bytes must be at least max_image_bytes")
+        if self.max_buffered_bytes < self.max_body_bytes:
+            raise ValueError("max_buffered_bytes must be at least max_body_bytes")
         if any(len(k) < 16 for k in self.api_key_list()):
             raise ValueError("every API key needs at least 16 characters")
         return self

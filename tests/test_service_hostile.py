@@ -36,7 +36,7 @@ from service import launch, protos
 
 pb, pb_grpc = protos.load()
 LIMITS = {"max_body_bytes": 2_000_000, "max_image_bytes": 1_500_000, "max_image_pixels": 4_000_000,
-          "body_timeout_s": 1.5}
+          "body_timeout_s": 1.5, "max_buffered_bytes": 4_000_000}
 J = {"Content-Type": "application/json"}
 
 
@@ -341,6 +341,29 @@ def test_a_stalled_or_trickled_body_is_408_after_body_timeout(server):
                     took = took or time.monotonic() - t0
         assert answer.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in answer, answer
         assert 1.4 < took < 4, took
+
+
+def test_bodies_held_at_once_stay_under_the_budget(server):
+    """Three 1.9 MB bodies in progress at once against a 4 MB budget: the third is read, dropped and 429."""
+    body = b'{"image": "' + b"A" * 1_900_000 + b'"}'
+    head = (b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    conns = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(3)]
+    try:
+        for c in conns:  # all but the last 100 kB of each
+            c.sendall(head + body[:-100_000])
+            time.sleep(0.2)
+        answers = []
+        for c in reversed(conns):
+            c.sendall(body[-100_000:])
+            answers.append(c.recv(300))
+    finally:
+        for c in conns:
+            c.close()
+    third, second, first = answers
+    assert third.startswith(b"HTTP/1.1 429") and b"retry-after: 1" in third.lower(), third
+    assert first.startswith(b"HTTP/1.1 400") and second.startswith(b"HTTP/1.1 400"), (first, second)
+    assert post(server, "/v1/caption", files={"image": IMAGE}).status_code == 200  # the budget is free again
 
 
 def test_raw_http_garbage_gets_4xx(server):
