@@ -1,7 +1,7 @@
 """`locca bench`: our engine and server against what a user would run instead, side by side in one run.
 
     locca bench                      # --quick (default): every section, under 5 minutes on 2 CPU cores
-    locca bench --full               # longer windows, more rounds and sizes (about 20 minutes on 2 cores)
+    locca bench --full               # longer windows, more rounds and sizes (about 7 minutes on 2 cores)
     locca bench --device cuda        # the GPU mode: PyTorch CUDA (fp32, bf16), ONNX Runtime CUDA / TensorRT
                                      # where the installed onnxruntime has them, HF on the GPU
 
