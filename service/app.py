@@ -57,7 +57,7 @@ async def serve(settings: Settings) -> int:
     engine = Engine(settings, pool, bundle.model_name(settings.model))
     rest = _Uvicorn(uvicorn.Config(build_app(engine, settings), host=settings.host, port=settings.port,
                                    log_config=None, access_log=False, lifespan="off",
-                                   timeout_graceful_shutdown=5))
+                                   timeout_graceful_shutdown=5, timeout_keep_alive=settings.keep_alive_s))
     grpc_server = GrpcServer(engine, settings)
 
     loop = asyncio.get_running_loop()

@@ -68,6 +68,10 @@ class Settings(BaseSettings):
 
     # --- operations ---------------------------------------------------------------------------------
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+    keep_alive_s: int = Field(75, ge=1, description=(
+        "how long an idle REST connection is kept open; longer than any client's or proxy's idle timeout (httpx "
+        "5 s, nginx 60-75 s, cloud load balancers 60 s), so that the server never closes a connection just as a "
+        "request is sent on it (uvicorn's own default, 5 s, races httpx's)"))
     warmup: bool = Field(True, description="run each task once per worker before reporting ready")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_json: bool = Field(True, description="structured JSON logs (one object a line) on stderr")
