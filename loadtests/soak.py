@@ -63,13 +63,60 @@ class Outcome:
     problem: str | None = None  # a 200 that broke the contract, or why it was lost
 
 
+class RawHttp:
+    """A minimal HTTP/1.1 client for the load generator: keep-alive connections, requests encoded once, answers
+    with Content-Length (all the server sends). httpx costs several times the CPU per request, and on a small
+    shared machine the generator then falls behind the schedule it exists to keep (a first soak did)."""
+
+    def __init__(self, url: str, timeout: float, headers: dict, idle_s: float = 4.0):
+        u = httpx.URL(url)
+        self.host, self.port, self.timeout, self.idle_s = u.host, u.port or 80, timeout, idle_s
+        self.extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.idle: list[tuple[float, asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    def _take(self):
+        while self.idle:
+            since, reader, writer = self.idle.pop()
+            if time.monotonic() - since < self.idle_s and not reader.at_eof():
+                return reader, writer
+            writer.close()
+        return None
+
+    async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n{self.extra}\r\n").encode("latin-1")
+        async with asyncio.timeout(self.timeout):
+            reader, writer = self._take() or await asyncio.open_connection(self.host, self.port)
+            try:
+                writer.write(head + body)
+                await writer.drain()
+                status, length, close = int((await reader.readline()).split()[1]), 0, False
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode("latin-1").partition(":")
+                    name = name.strip().lower()
+                    if name == "content-length":
+                        length = int(value)
+                    elif name == "connection":
+                        close = "close" in value.lower()
+                data = await reader.readexactly(length)
+            except BaseException:
+                writer.close()
+                raise
+        if close:
+            writer.close()
+        else:
+            self.idle.append((time.monotonic(), reader, writer))
+        return status, data
+
+    def close(self) -> None:
+        for _, _, writer in self.idle:
+            writer.close()
+
+
 class Load:
     def __init__(self, url: str, grpc_target: str, timeout: float, api_key: str | None, seed: int):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        # httpcore matches queued requests to connections in O(queued x connections): a modest pool, and
-        # bodies encoded once (below), keep the generator ahead of its schedule on a small machine.
-        self.http = httpx.AsyncClient(base_url=url, timeout=timeout, headers=headers,
-                                      limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
+        self.http = RawHttp(url, timeout, headers)
         self.bodies: dict[tuple, tuple[bytes, str]] = {}
         self.pb, pb_grpc = protos.load()
         self.channel = grpc.aio.insecure_channel(grpc_target)
@@ -91,7 +138,8 @@ class Load:
             else:
                 status, body = await self._rest(call, transport == "json")
             problem = workload.check(call, body) if status == 200 else None
-        except (TimeoutError, httpx.HTTPError, grpc.aio.AioRpcError) as e:
+        except (TimeoutError, OSError, ValueError, IndexError, asyncio.IncompleteReadError,
+                grpc.aio.AioRpcError) as e:
             status, problem = None, f"{type(e).__name__}: {e}"[:200]
         return Outcome(sent - t0, time.perf_counter() - sent, lag, transport, call.kind, status, problem)
 
@@ -110,8 +158,8 @@ class Load:
 
     async def _rest(self, call: workload.Call, as_json: bool) -> tuple[int, dict]:
         content, content_type = self.body(call, as_json)
-        r = await self.http.post(call.path, content=content, headers={"Content-Type": content_type})
-        return r.status_code, (r.json() if r.status_code == 200 else {})
+        status, data = await self.http.post(call.path, content, content_type)
+        return status, (json.loads(data) if status == 200 else {})
 
     async def _grpc(self, call: workload.Call) -> tuple[int, dict]:
         pb, image = self.pb, call.scene.png
@@ -136,7 +184,7 @@ class Load:
             return GRPC_STATUS.get(e.code().name, 500), {}
 
     async def close(self) -> None:
-        await self.http.aclose()
+        self.http.close()
         await self.channel.close()
 
 
