@@ -99,7 +99,10 @@ def table(res: dict) -> str:
         b = res["batching"]
         lines += ["", f"3. refer p50 among {b['captioners']} long-caption clients: idle {b['idle']['refer_p50_ms']:.1f} ms;"
                   f" continuous {b['continuous']['refer_p50_ms']:.1f} ms ({b['continuous_over_idle']:.2f}x idle);"
-                  f" static {b['static']['refer_p50_ms']:.1f} ms ({b['static_over_idle']:.2f}x idle)"]
+                  f" static {b['static']['refer_p50_ms']:.1f} ms ({b['static_over_idle']:.2f}x idle)",
+                  "   the long captions meanwhile: " + "; ".join(
+                      f"{p} p50 {b[p]['caption_p50_ms']:.0f} ms, {b[p]['caption_n']} answered in {b['window_s']:.0f} s"
+                      for p in ("continuous", "static"))]
     if "encoder" in res:
         lines += ["", "4. encoder model FLOPs utilisation (of the measured peak of its dtype), by batch"]
         for name in dict.fromkeys(r["name"] for r in res["encoder"]):
