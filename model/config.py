@@ -139,6 +139,7 @@ class TrainConfig:
     loc_sigma: float = 0.0             # soft location targets: Gaussian over neighbouring bins (in bins); 0 = one-hot
     loc_init: str = "random"           # "sincos": location-token embeddings start as sin-cos codes of the bin index
     cap_parallel_prob: float = 0.0     # CapPa parallel prediction: share of captions decoded from <mask> inputs
+    data_start: int = 0                # shapes data: index of the first scene (a later leg starts after earlier ones)
     curriculum_steps: int = 0          # shapes data: the most objects per scene grows from 1 to all over these steps
     init_from: str | None = None       # start from this checkpoint's weights and tokenizer (fine-tune, or go on
                                        # with a run whose optimizer state is gone); model and box configs must match
@@ -164,8 +165,8 @@ class TrainConfig:
             raise ValueError("need loc_sigma >= 0, cap_parallel_prob in [0, 1], num_workers >= 0")
         if self.loc_init not in ("random", "sincos"):
             raise ValueError(f"loc_init must be 'random' or 'sincos', got {self.loc_init!r}")
-        if self.eval_every < 0 or self.curriculum_steps < 0:
-            raise ValueError("eval_every and curriculum_steps must be >= 0")
+        if self.eval_every < 0 or self.curriculum_steps < 0 or self.data_start < 0:
+            raise ValueError("eval_every, curriculum_steps and data_start must be >= 0")
 
     def replace(self, **kw) -> TrainConfig:
         return dataclasses.replace(self, **kw)

@@ -80,7 +80,7 @@ def corpus(cfg: TrainConfig):
 
 def dataset(cfg: TrainConfig, start: int, local_batch: int):
     if cfg.data == "shapes":
-        return ShapesStream(TRAIN_SEED_OFFSET, start=start, batch_size=local_batch,
+        return ShapesStream(TRAIN_SEED_OFFSET + cfg.data_start, start=start, batch_size=local_batch,
                             curriculum_scenes=cfg.curriculum_steps * cfg.batch_size)
     return RecordsDataset(cfg.data, shuffle_seed=cfg.seed, start=start, batch_size=local_batch)
 

@@ -34,6 +34,8 @@ def main() -> None:
     fig, ax = plt.subplots(1, 2, figsize=(12, 4))
     for d in arms:
         m, e = rows(d / "metrics.jsonl"), rows(d / "eval.jsonl")
+        if (d / "eval.json").is_file():  # `locca eval --json` after training
+            e.append(json.loads((d / "eval.json").read_text()))
         batch = json.loads((d / "config.json").read_text())["batch_size"]
         tail = m[-5:]
         mean = {k: sum(r[k] for r in tail) / len(tail) for k in ("ARef", "GCap", "Cap", "images_per_s")}
