@@ -28,7 +28,7 @@ Timer = Callable[[], float]
 class Contender:
     """One way to run the model: a name, a precision, and either our inference object or HF's model."""
     name: str          # e.g. "ours ort fp32", "hf generate fp32"
-    precision: str     # fp32 | int8 | bf16
+    precision: str     # fp32 | int8 | bf16 | fp16
     inference: object = None   # ours: model/inference.py's interface
     hf: object = None          # the peer: a VisionEncoderDecoderModel
     tasks: object = None       # ours: prompts and parsing, for the accuracy check
