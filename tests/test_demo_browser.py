@@ -191,3 +191,32 @@ def test_dropped_image_caption_and_an_error_are_shown(browser, server, tmp_path)
 
     WebDriverWait(browser, 30).until(lambda d: status.get_attribute("class") == "error")
     assert "400 bad_image" in status.text
+
+
+def test_the_page_sends_the_api_key_it_is_given(browser, tmp_path):
+    """With LOCCA_API_KEYS on, the page's calls are refused until a key is typed in, then answered."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from service import launch
+
+    key = "demo-key-0123456789abcdef"
+    path = tmp_path / "scene.png"
+    generate_scene(5).image.save(path)
+    with launch.launch(tmp_path / "serve.log", model="models/locca-tiny-shapes", backend="torch", threads=1,
+                       api_keys=key) as keyed:
+        browser.get_log("browser")  # drop what earlier tests left in the log
+        browser.get(keyed.url + "/")
+        browser.find_element(By.ID, "file").send_keys(str(path))
+        browser.find_element(By.ID, "run").click()
+        status = browser.find_element(By.ID, "status")
+        WebDriverWait(browser, 30).until(lambda d: status.get_attribute("class") == "error")
+        assert "401" in status.text
+        browser.find_element(By.ID, "api_key").send_keys(key)
+        browser.find_element(By.ID, "run").click()
+        WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.body.dataset.answered"))
+        assert json.loads(browser.find_element(By.ID, "json").text)["caption"]
+        WebDriverWait(browser, 10).until(lambda d: "step" in d.find_element(By.ID, "model").text)
+    # the refused calls (the model line and the first run, before the key) are the only errors
+    severe = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe and all("401" in m for m in severe), severe

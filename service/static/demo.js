@@ -62,7 +62,14 @@ function request(render) {
     if ($("box").value.trim()) body.append("box", $("box").value.trim());
     body.append("max_regions", $("max_regions").value || "5");
   }
-  return fetch(`/v1/${t}${render ? "?render=png" : ""}`, { method: "POST", body });
+  return fetch(`/v1/${t}${render ? "?render=png" : ""}`, { method: "POST", body, headers: auth() });
+}
+
+// A server with API keys (LOCCA_API_KEYS) wants `Authorization: Bearer <key>` on every /v1 call; the key is
+// kept in the page only, never stored.
+function auth() {
+  const key = $("api_key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
 async function failure(r) {
@@ -171,6 +178,11 @@ form.addEventListener("submit", run);
 $("png").addEventListener("click", annotatedPng);
 syncTask();
 
-fetch("/v1/models").then((r) => r.ok ? r.json() : null).then((m) => {
-  if (m) $("model").textContent = `${m.name} · ${m.size} · step ${m.step ?? "?"} · ${m.backend} on ${m.device}`;
-}).catch(() => {});
+// The served model, in the header line (again once an API key is typed in, if the server wants one).
+function showModel() {
+  fetch("/v1/models", { headers: auth() }).then((r) => r.ok ? r.json() : null).then((m) => {
+    if (m) $("model").textContent = `${m.name} · ${m.size} · step ${m.step ?? "?"} · ${m.backend} on ${m.device}`;
+  }).catch(() => {});
+}
+$("api_key").addEventListener("change", showModel);
+showModel();
