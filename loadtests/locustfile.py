@@ -51,6 +51,7 @@ JSON_SHARE = float(os.environ.get("LOCCA_LOADTEST_JSON_SHARE", "0.25"))
 TIMEOUT = float(os.environ.get("LOCCA_LOADTEST_TIMEOUT", "60"))
 WAIT = float(os.environ.get("LOCCA_LOADTEST_WAIT", "0"))
 OUT = Path(os.environ.get("LOCCA_LOADTEST_OUT", HERE / "results"))
+API_KEY = os.environ.get("LOCCA_API_KEY") or None  # for a server with LOCCA_API_KEYS: sent as a bearer token
 
 
 class RestUser(FastHttpUser):
@@ -70,7 +71,8 @@ class RestUser(FastHttpUser):
         else:
             form = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in c.fields.items()}
             body, ctype = encode_multipart_formdata({"image": ("scene.png", c.scene.png, "image/png"), **form})
-        with self.client.post(c.path, data=body, headers={"Content-Type": ctype}, name=c.name,
+        headers = {"Content-Type": ctype, **({"Authorization": f"Bearer {API_KEY}"} if API_KEY else {})}
+        with self.client.post(c.path, data=body, headers=headers, name=c.name,
                               catch_response=True) as r:
             if r.status_code != 200:
                 r.failure(f"{r.status_code}: {(r.text or '')[:200]}")
@@ -85,7 +87,7 @@ class GrpcUser(User):
     def on_start(self):
         self.rng = random.Random()
         self.target = os.environ.get("LOCCA_GRPC_TARGET") or f"{urlparse(self.host).hostname}:50051"
-        self.client = LoccaGrpcClient(self.target, timeout=TIMEOUT, retries=0)
+        self.client = LoccaGrpcClient(self.target, timeout=TIMEOUT, retries=0, api_key=API_KEY)
 
     def on_stop(self):
         self.client.close()
