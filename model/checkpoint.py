@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -43,13 +44,17 @@ def build(cfg: ModelConfig, tok: LoccaTokenizer, box: BoxConfig) -> LocCa:
     return LocCa(cfg.replace(vocab_size=tok.vocab_size))
 
 
-def save(path: str | Path, model: LocCa, tok: LoccaTokenizer, box: BoxConfig, **meta) -> None:
+def save(path: str | Path, model: LocCa, tok: LoccaTokenizer, box: BoxConfig, dtype: torch.dtype | None = None,
+         **meta) -> None:
+    """dtype: store the floating-point weights in this type (torch.float16 halves a bundle committed to git);
+    `load` builds the model in fp32 whatever the stored type."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": FORMAT, "model_config": json.dumps(dataclasses.asdict(model.cfg)),
               "box_config": json.dumps(dataclasses.asdict(box)), "tokenizer": tok.to_json(),
               "meta": json.dumps(meta)}
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(dtype if dtype and v.is_floating_point() else v.dtype).contiguous().cpu()
+             for k, v in model.state_dict().items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state, str(tmp), metadata=header)
     tmp.chmod(0o644)  # safetensors creates files 0600; a bundle must be readable by a non-root server

@@ -157,3 +157,16 @@ def test_curriculum_starts_with_one_object_and_ends_with_the_spec():
     assert stream.scene(3).caption == stream.scene(3).caption  # a pure function of the index
     late = stream.scene(100)
     assert late.caption == generate_scene(100).caption and MAX_OBJECTS == 6
+
+
+def test_a_checkpoint_stored_in_fp16_loads_as_fp32_at_half_the_size(tmp_path, tiny_model, tok):
+    from model.config import BoxConfig
+
+    checkpoint.save(tmp_path / "fp32.safetensors", tiny_model, tok, BoxConfig(bins=64))
+    checkpoint.save(tmp_path / "fp16.safetensors", tiny_model, tok, BoxConfig(bins=64), dtype=torch.float16)
+    sizes = [(tmp_path / f"{n}.safetensors").stat().st_size for n in ("fp32", "fp16")]
+    assert sizes[1] < 0.55 * sizes[0]
+    half = checkpoint.load(tmp_path / "fp16.safetensors").model
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    a, b = tiny_model.state_dict(), half.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k], rtol=1e-3, atol=1e-4) for k in a)
