@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
+from model import checkpoint
 from model.codec import BoxCodec
 from model.config import BoxConfig, get_size
 from model.model import LocCa
@@ -41,6 +44,20 @@ def tasks(tok) -> Tasks:
 def tiny_model(tok) -> LocCa:
     torch.manual_seed(0)
     return LocCa(get_size("tiny", vocab_size=tok.vocab_size)).eval()
+
+
+@pytest.fixture(scope="session")
+def quick_model_path(tmp_path_factory, tiny_model, tok):
+    """The random tiny model saved as a checkpoint (step 7), nudged towards <eos> (the final LayerNorm's bias
+    along the tied <eos> embedding adds ~4 to its logit) so that texts end after a few tokens, as a trained
+    model's do: quicker server and benchmark tests."""
+    model = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        e = model.tok_emb.weight[tok.eos_id]
+        model.ln.bias.copy_(4.0 * e / e.dot(e))
+    path = tmp_path_factory.mktemp("quick_model") / "checkpoint.safetensors"
+    checkpoint.save(path, model, tok, BoxConfig(bins=64), step=7)
+    return path
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """`locca bench` on a tiny random model, in seconds: every section's code path, the table, the JSON and the plot,
 and the analytic FLOPs against torch's own counter. No timing is asserted: so short a run measures nothing."""
 
-import copy
 import json
 import math
 import threading
@@ -21,21 +20,13 @@ from benchmarks.flops import encode_flops, token_flops
 from benchmarks.naive_server import build_app
 from benchmarks.peers import engine_generate, hf_generate, hf_model
 from model import checkpoint
-from model.config import BoxConfig
 from model.inference import TorchInference
 from service.launch import free_port
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory, tiny_model, tok):
-    """The random tiny model, nudged towards <eos> (as in test_service_e2e) so that its texts end early."""
-    model = copy.deepcopy(tiny_model)
-    with torch.no_grad():
-        e = model.tok_emb.weight[tok.eos_id]
-        model.ln.bias.copy_(4.0 * e / e.dot(e))
-    path = tmp_path_factory.mktemp("model") / "checkpoint.safetensors"
-    checkpoint.save(path, model, tok, BoxConfig(bins=64), step=1)
-    return path
+def model_path(quick_model_path):  # tests/conftest.py
+    return quick_model_path
 
 
 def finite(x) -> bool:

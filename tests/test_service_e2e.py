@@ -4,7 +4,6 @@ error by error, over REST and gRPC; 64 concurrent requests; image modes and EXIF
 
 import asyncio
 import base64
-import copy
 import io
 import json
 import threading
@@ -14,13 +13,10 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from model import checkpoint
-from model.config import BoxConfig
 from model.shapes import generate_scene
 from service import launch, protos
 from service.client import AsyncLoccaClient, LoccaClient, LoccaError, LoccaGrpcClient
@@ -36,16 +32,8 @@ def png(im: Image.Image, fmt: str = "PNG", **kw) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory, tiny_model, tok):
-    """The random tiny model, nudged towards <eos> (the final LayerNorm's bias along the tied <eos> embedding
-    adds ~4 to its logit) so that texts end after a few tokens, as a trained model's do: quicker tests."""
-    model = copy.deepcopy(tiny_model)
-    with torch.no_grad():
-        e = model.tok_emb.weight[tok.eos_id]
-        model.ln.bias.copy_(4.0 * e / e.dot(e))
-    path = tmp_path_factory.mktemp("model") / "checkpoint.safetensors"
-    checkpoint.save(path, model, tok, BoxConfig(bins=64), step=7)
-    return path
+def model_path(quick_model_path):  # tests/conftest.py
+    return quick_model_path
 
 
 @pytest.fixture(scope="module")
