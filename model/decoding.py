@@ -140,6 +140,9 @@ class BeamSearch:
 
     def advance(self, logits: np.ndarray) -> bool:
         """One step: read this query's rows of `logits` (R, V), pick the next beams. False once done."""
+        return self._greedy(logits[self.rows[0]]) if self.width == 1 else self._beams(logits)
+
+    def _beams(self, logits: np.ndarray) -> bool:
         W, tok = self.width, self.grammar.tok
         logp = log_softmax(logits[self.rows])  # (W, V)
         mask = np.stack([self.grammar.allowed(s) for s in self.states])
@@ -166,6 +169,29 @@ class BeamSearch:
         beams, _, scores, self.states, self.seqs, self.lps = (list(c) for c in zip(*cont, strict=True))
         self.scores = np.array(scores, dtype=np.float64)
         self.src = [self.rows[b] for b in beams]
+        return True
+
+    def _greedy(self, logits: np.ndarray) -> bool:
+        """`advance` for one beam: the same choice (the first best allowed token), without the sort over
+        W * V candidates or the copies that keeping several beams apart needs. Requests are mostly greedy,
+        and at batch 1 this loop's Python time is a visible part of a step."""
+        logp = log_softmax(logits)  # (V,)
+        state, seq, lps = self.states[0], self.seqs[0], self.lps[0]
+        allowed = self.grammar.allowed(state)
+        t = int(np.argmax(np.where(allowed, logp, -np.inf)))
+        if not allowed[t] or not np.isfinite(logp[t]):
+            self.done, self.src = True, []  # nothing allowed is possible
+            return False
+        if t == self.grammar.tok.eos_id:
+            lp = lps + [float(logp[t])]
+            self.finished.append(Hypothesis(seq + [t], lp, float(np.sum(lp)) / len(lp) ** self.length_penalty))
+            self.done, self.src = True, []
+            return False
+        seq.append(t)
+        lps.append(float(logp[t]))
+        state.advance(t, self.grammar.tok)
+        self.scores[0] += logp[t]
+        self.src = [self.rows[0]]
         return True
 
     def tokens(self) -> np.ndarray:

@@ -112,3 +112,28 @@ def test_options_are_validated():
         DecodingOptions(beam_size=2, num_return=3)
     with pytest.raises(ValueError):
         DecodingOptions(max_new_tokens=0)
+
+
+@pytest.mark.parametrize("task", sorted(GRAMMARS))
+def test_greedy_fast_path_takes_the_general_beam_paths_choices(task, tok):
+    """BeamSearch runs one beam through `_greedy`; the general `_beams`, given width 1, must choose the same
+    tokens with the same log-probabilities and scores, on peaked, flat and tied logits alike."""
+    from model.decoding import BeamSearch
+
+    grammar, rng = Grammar(tok), np.random.default_rng(len(task))
+    for trial in range(20):
+        q = Query(0, task, (1, 2, 3))
+        fast, general = (BeamSearch(q, int(rng.integers(9, 24)), 1, grammar) for _ in range(2))
+        general.states[0].budget = fast.states[0].budget
+        while True:
+            logits = rng.standard_normal((3, tok.vocab_size)).astype(np.float32) * (0.1 + trial % 4 * 3)
+            if trial % 5 == 0:
+                logits[:, ::2] = logits[:, :1]  # ties between allowed tokens: the first one wins in both
+            fast.rows = general.rows = [1]
+            a, b = fast._greedy(logits[1]), general._beams(logits)
+            assert a == b and fast.seqs == general.seqs and fast.lps == general.lps
+            assert fast.src == general.src and fast.scores.tolist() == general.scores.tolist()
+            if not a:
+                break
+        assert [(h.tokens, h.score) for h in fast.finished] == [(h.tokens, h.score) for h in general.finished]
+        assert len(fast.finished) == 1
