@@ -5,9 +5,11 @@
 
 Devices: "cpu", "cuda[:i]", "tensorrt[:i]" (the TensorRT EP, CUDA and CPU behind it for what it cannot take),
 or "auto": the first of those the installed onnxruntime offers. On CPU the caches are numpy arrays and a step
-is one `run` (IOBinding measured no faster there). On a GPU they are OrtValues in device memory: a step binds
-them as inputs and its present K/V as device outputs, and select / merge / start run tiny Gather / Concat /
-ConstantOfShape graphs on the device, so a cache never crosses to the host; only tokens and logits do.
+is one `run` (IOBinding measured no faster there) and the step's new keys/values are written into the
+arrays in place: the cache is never copied. On a GPU they are OrtValues in device memory: a step binds them
+as inputs and its new K/V as device outputs, and write / select / merge / start run tiny ScatterElements /
+Gather / Concat / ConstantOfShape graphs on the device, so a cache never crosses to the host; only tokens and
+logits do. (Those graphs write a copy: onnxruntime offers no in-place update of a device tensor.)
 
 Dimension letters as in model/model.py; the graphs take one (B, H, S, Dh) tensor per layer and cache.
 """
@@ -29,7 +31,7 @@ from model.tokenizer import LoccaTokenizer
 
 from .backends import Loaded
 
-FORMAT = "locca-onnx/1"
+FORMAT = "locca-onnx/2"  # 2: the decoder returns the new keys/values only (1: whole updated caches)
 FILES = ("encoder.onnx", "decoder.onnx", "tokenizer.json", "config.json")
 DEVICES = ("cpu", "cuda", "tensorrt")
 
@@ -39,7 +41,7 @@ def io_names(layers: int) -> dict[str, list[str]]:
     per = lambda *stems: [f"{s}_{i}" for s in stems for i in range(layers)]  # noqa: E731
     return {"encoder_in": ["pixels"], "encoder_out": ["visual", *per("cross_k", "cross_v")],
             "decoder_in": ["tokens", "positions", *per("past_k", "past_v", "cross_k", "cross_v")],
-            "decoder_out": ["logits", *per("present_k", "present_v")]}
+            "decoder_out": ["logits", *per("new_k", "new_v")]}
 
 
 def sha256(path: Path) -> str:
@@ -203,7 +205,8 @@ class OnnxInference:
         feed["positions"] = np.asarray(positions, dtype=np.int64)
         out = self.mem.run(self.decoder, feed, self.names["decoder_out"], host={"logits"})
         L = self.cfg.dec_depth
-        state.cache_k, state.cache_v = out[1:1 + L], out[1 + L:]
+        caches = self.mem.write([*state.cache_k, *state.cache_v], out[1:], feed["positions"])
+        state.cache_k, state.cache_v = caches[:L], caches[L:]
         return self.mem.numpy(out[0])
 
     def select(self, state: OrtState, rows: np.ndarray) -> None:
@@ -231,6 +234,12 @@ class _Host:
 
     def take(self, xs: list, idx: np.ndarray) -> list:
         return [x[idx] for x in xs]
+
+    def write(self, caches: list, new: list, positions: np.ndarray) -> list:
+        rows = np.arange(len(positions))[:, None]
+        for c, n in zip(caches, new, strict=True):
+            c[rows, :, positions, :] = n.transpose(0, 2, 1, 3)  # indexed dims first: (R, T, H, Dh)
+        return caches
 
     def cat(self, a: list, b: list) -> list:
         return [np.concatenate([x, y]) for x, y in zip(a, b, strict=True)]
@@ -266,6 +275,11 @@ class _Bound:
     def take(self, xs: list, idx: np.ndarray) -> list:
         return self._op("Gather", len(xs), xs, {"idx": idx})
 
+    def write(self, caches: list, new: list, positions: np.ndarray) -> list:
+        R, H, T, Dh = new[0].shape()
+        idx = np.ascontiguousarray(np.broadcast_to(positions[:, None, :, None], (R, H, T, Dh)))
+        return self._op("ScatterElements", len(caches), caches + new, {"idx": idx})
+
     def cat(self, a: list, b: list) -> list:
         return self._op("Concat", len(a), a + b, {})
 
@@ -280,7 +294,8 @@ class _Bound:
 
 
 def _row_graph(op: str, n: int, dtype) -> bytes:
-    """A graph of n independent ops along axis 0 (rows): Gather(x_i, idx), Concat(x_i, x_{n+i}) or zeros."""
+    """A graph of n independent ops: along axis 0 (rows) Gather(x_i, idx), Concat(x_i, x_{n+i}) or zeros; along
+    axis 2 (slots) ScatterElements(x_i, idx, x_{n+i}), the new keys/values of a step written into cache i."""
     from onnx import TensorProto, helper  # noqa: PLC0415
 
     t = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
@@ -289,6 +304,10 @@ def _row_graph(op: str, n: int, dtype) -> bytes:
     if op == "Gather":
         ins = [x(f"x{i}") for i in range(n)] + [helper.make_tensor_value_info("idx", TensorProto.INT64, [None])]
         nodes = [helper.make_node("Gather", [f"x{i}", "idx"], [f"y{i}"], axis=0) for i in range(n)]
+    elif op == "ScatterElements":
+        ins = [x(f"x{i}") for i in range(2 * n)] + [helper.make_tensor_value_info("idx", TensorProto.INT64, [None] * 4)]
+        nodes = [helper.make_node("ScatterElements", [f"x{i}", "idx", f"x{n + i}"], [f"y{i}"], axis=2)
+                 for i in range(n)]
     elif op == "Concat":
         ins = [x(f"x{i}") for i in range(2 * n)]
         nodes = [helper.make_node("Concat", [f"x{i}", f"x{n + i}"], [f"y{i}"], axis=0) for i in range(n)]

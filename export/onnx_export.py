@@ -10,11 +10,12 @@ metadata) and manifest.json (sha256 of each file, checked at load). Graphs, with
 
     encoder  pixels (B, 3, I, I) float32 -> visual (B, N, D), cross_k_l, cross_v_l (B, H, N, Dh) for each layer l
     decoder  tokens, positions (B, T) int64, past_k_l, past_v_l (B, H, S, Dh), cross_k_l, cross_v_l (B, H, N, Dh)
-             -> logits (B, T, V) float32, present_k_l, present_v_l (B, H, S, Dh)
+             -> logits (B, T, V) float32, new_k_l, new_v_l (B, H, T, Dh)
 
-The decoder is LocCa.decode_step itself: new keys/values scattered into slot `positions`, each query sees the
-slots at or before its position. So one graph serves the prompt prefill (T > 1) and every later step
-(T = 1): see export/README.md.
+The decoder is LocCa.decode_layers itself: it reads the past and returns the keys/values of its T tokens,
+which the backend writes into slots `positions` (in place on CPU); each query sees the slots at or before its
+position. So one graph serves the prompt prefill (T > 1) and every later step (T = 1), and no step copies
+the cache: see export/README.md.
 """
 
 from __future__ import annotations

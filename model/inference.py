@@ -5,8 +5,9 @@ decoding strategies and the server's scheduler never know which one runs:
 
     encode(pixels)                     (B, 3, S, S) float32 numpy -> Cross (per-image cross-attention K/V)
     start(cross, images)               a DecodeState with one row per entry of `images` (an image index each)
-    step(state, tokens, positions)     (R, T) int64 numpy each -> logits (R, T, V) float32 numpy; the state's
-                                       self-attention cache is updated
+    step(state, tokens, positions)     (R, T) int64 numpy each, positions consecutive in each row -> logits
+                                       (R, T, V) float32 numpy; the new keys/values are written into the
+                                       state's self-attention cache
     select(state, rows)                keep / reorder / repeat rows (beam search, finished sequences)
     merge(a, b)                        a state holding a's rows then b's (continuous batching: new requests
                                        join a running batch); both have the same number of cache slots
@@ -68,8 +69,7 @@ class TorchInference:
     def step(self, state: TorchState, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
         t = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=self.device)
         p = torch.as_tensor(np.asarray(positions, dtype=np.int64), device=self.device)
-        logits, state.cache_k, state.cache_v = self.model.decode_step(
-            t, p, state.cache_k, state.cache_v, state.cross_k, state.cross_v)
+        logits = self.model.decode_step(t, p, state.cache_k, state.cache_v, state.cross_k, state.cross_v)
         return logits.float().cpu().numpy()
 
     @torch.inference_mode()

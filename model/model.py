@@ -5,8 +5,9 @@ per image; the decoder cross-attends to its tokens. Boxes are location tokens of
 so captioning (Cap), referring (ARef) and grounded captioning (GCap) are all next-token prediction.
 
 Modules only: tokenisation, losses and search live elsewhere (model/tasks.py, model/train.py,
-model/decoding.py). The self-attention KV cache is explicit tensors passed in and returned, so the same
-`decode_step` exports to ONNX and runs under ONNX Runtime and TensorRT.
+model/decoding.py). The self-attention KV cache is explicit tensors: a decode step reads it and returns the new
+tokens' keys and values for its owner to write, so the same `decode_layers` exports to ONNX and runs under
+ONNX Runtime and TensorRT, where tensors cannot be updated in place.
 
 Dimension letters:
     B batch            N visual tokens (grid**2)     D encoder width      E decoder width
@@ -105,25 +106,47 @@ class DecoderBlock(nn.Module):
         self.cross_proj = nn.Linear(E, E)
         self.mlp = MLP(E, cfg.dec_mlp)
 
-    def forward(self, x: Tensor, cross_k: Tensor, cross_v: Tensor, cache_k: Tensor | None = None,
-                cache_v: Tensor | None = None, positions: Tensor | None = None):
-        """x (B, T, E); cross_k/v (B, H, N, Dh). With a cache (B, H, S, Dh), the new keys/values are written
-        at `positions` (B, T) and each query attends to the slots at or before its own position."""
+    def forward(self, x: Tensor, cross_k: Tensor, cross_v: Tensor, past_k: Tensor | None = None,
+                past_v: Tensor | None = None, mask: Tensor | None = None):
+        """x (B, T, E); cross_k/v (B, H, N, Dh). Without a past: causal attention over x (training). With a
+        past (B, H, S, Dh) and the additive `mask` of decode_mask (B, 1, T, S + T): attention over the past
+        slots and the new tokens, the past only read. Returns x and the new tokens' keys and values (B, H, T, Dh)."""
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(self.ln1(x)).chunk(3, dim=-1))  # (B, H, T, Dh)
-        if cache_k is None:
+        if past_k is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            index = positions[:, None, :, None].expand_as(k)  # (B, H, T, Dh)
-            cache_k = cache_k.scatter(2, index, k)
-            cache_v = cache_v.scatter(2, index, v)
-            slots = torch.arange(cache_k.shape[2], device=x.device)
-            visible = slots[None, None, :] <= positions[:, :, None]  # (B, T, S)
-            a = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=visible[:, None])
+            a = past_attention(q, k, v, past_k, past_v, mask)
         x = x + self.proj(merge_heads(a))
         a = F.scaled_dot_product_attention(split_heads(self.cross_q(self.ln2(x)), self.heads), cross_k, cross_v)
         x = x + self.cross_proj(merge_heads(a))
         x = x + self.mlp(self.ln3(x))
-        return x, cache_k, cache_v
+        return x, k, v
+
+
+def decode_mask(positions: Tensor, slots: int, dtype: torch.dtype) -> Tensor:
+    """The additive attention mask of a decode call, (B, 1, T, S + T): 0 where visible, -inf elsewhere.
+
+    A call's tokens sit at consecutive positions in each row (a prompt, or one generated token), so a query
+    sees the past slots before the row's first new position, and the new tokens at or before its own. Past
+    slots from there on are about to be overwritten (prefill padding, a previous request): never read."""
+    slot = torch.arange(slots, device=positions.device)
+    past = slot[None, None, :] < positions[:, :1, None]                      # (B, 1, S)
+    new = positions[:, None, :] <= positions[:, :, None]                      # (B, T, T)
+    visible = torch.cat([past.expand(-1, positions.shape[1], -1), new], -1)  # (B, T, S + T)
+    zero = torch.zeros((), dtype=dtype, device=positions.device)
+    return torch.where(visible, zero, torch.full_like(zero, float("-inf")))[:, None]
+
+
+def past_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, mask: Tensor) -> Tensor:
+    """Softmax attention of q (B, H, T, Dh) over the past slots and the new keys together, without writing the
+    new keys into the past: scores against each, one softmax over both, values summed from each. Writing them
+    first would copy the whole cache on every step wherever tensors cannot be updated in place (ONNX graphs);
+    this way a step reads the cache and its caller writes T new slots (model/inference.py, export/)."""
+    scale = q.shape[-1] ** -0.5
+    scores = torch.cat([q @ past_k.transpose(-1, -2), q @ k.transpose(-1, -2)], -1) * scale + mask
+    p = scores.softmax(-1)
+    S = past_k.shape[2]
+    return p[..., :S] @ past_v + p[..., S:] @ v
 
 
 class LocCa(nn.Module):
@@ -169,23 +192,25 @@ class LocCa(nn.Module):
         return z, z.clone()
 
     def decode_step(self, tokens: Tensor, positions: Tensor, cache_k: Tensor, cache_v: Tensor,
-                    cross_k: Tensor, cross_v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Run T new tokens (B, T) at `positions` (B, T) through the decoder.
-
-        Returns logits (B, T, V) and the updated caches (L, B, H, S, Dh). A slot is read only by queries at
-        or after its position, so slots past a sequence's current length may hold anything (prefill padding,
-        a previous request): positions decide what is visible, not the cache contents.
-        """
+                    cross_k: Tensor, cross_v: Tensor) -> Tensor:
+        """Run T new tokens (B, T) at `positions` (B, T), consecutive in each row, through the decoder; write
+        their keys and values into the caches (L, B, H, S, Dh) in place, at those positions. Returns logits
+        (B, T, V). Each query sees the slots at or before its position; slots past a sequence's current length
+        may hold anything (prefill padding, a previous request): positions decide what is visible."""
         logits, new_k, new_v = self.decode_layers(tokens, positions, cache_k, cache_v, cross_k, cross_v)
-        return logits, torch.stack(new_k), torch.stack(new_v)
+        write_cache(cache_k, torch.stack(new_k), positions)
+        write_cache(cache_v, torch.stack(new_v), positions)
+        return logits
 
-    def decode_layers(self, tokens: Tensor, positions: Tensor, cache_k, cache_v, cross_k, cross_v):
-        """decode_step with the caches as L per-layer tensors (a stacked tensor indexes the same way), and the
-        updated caches returned as lists: the exported decoder's inputs and outputs (export/onnx_export.py)."""
+    def decode_layers(self, tokens: Tensor, positions: Tensor, past_k, past_v, cross_k, cross_v):
+        """The decode step as a pure function of per-layer tensors (a stacked tensor indexes the same way): the
+        caches are only read, and the new tokens' keys and values come back as L tensors (B, H, T, Dh) each
+        for the caller to write. These are the exported decoder's inputs and outputs (export/onnx_export.py)."""
         x = self.tok_emb(tokens) + self.pos_emb(positions)  # (B, T, E)
+        mask = decode_mask(positions, past_k[0].shape[2], x.dtype)
         new_k, new_v = [], []
         for layer, block in enumerate(self.blocks):
-            x, k, v = block(x, cross_k[layer], cross_v[layer], cache_k[layer], cache_v[layer], positions)
+            x, k, v = block(x, cross_k[layer], cross_v[layer], past_k[layer], past_v[layer], mask)
             new_k.append(k)
             new_v.append(v)
         return self.logits(x), new_k, new_v
@@ -220,6 +245,12 @@ class LocCa(nn.Module):
         for layer, block in enumerate(self.blocks):
             x, _, _ = block(x, ck[layer], cv[layer])
         return self.logits(x)
+
+
+def write_cache(cache: Tensor, new: Tensor, positions: Tensor) -> None:
+    """cache (L, B, H, S, Dh)[..., positions, :] = new (L, B, H, T, Dh), in place."""
+    rows = torch.arange(cache.shape[1], device=cache.device)[:, None]
+    cache[:, rows, :, positions, :] = new.permute(1, 3, 0, 2, 4)  # indexed dims first: (B, T, L, H, Dh)
 
 
 @torch.no_grad()

@@ -101,14 +101,22 @@ def resolve(settings: Settings) -> Source:
 
 def stale(onnx_dir: Path, model: Path) -> bool:
     """An ONNX bundle beside a checkpoint is stale when it was exported from another checkpoint (the model was
-    retrained or replaced since): it is exported again rather than served."""
+    retrained or replaced since) or in another bundle format (an older `locca export`): it is exported again
+    rather than served."""
     ckpt = model if model.is_file() else model / "checkpoint.safetensors"
     if onnx_dir == model or not ckpt.is_file():
         return False  # a bundle given on its own is served as it is
     try:
-        source = json.loads((onnx_dir / "manifest.json").read_text()).get("source", {})
+        manifest = json.loads((onnx_dir / "manifest.json").read_text())
+        source = manifest.get("source", {})
     except (OSError, ValueError, AttributeError):
         log.warning("the ONNX bundle's manifest is unreadable; exporting again", extra={"bundle": str(onnx_dir)})
+        return True
+    from export.onnx_backend import FORMAT  # noqa: PLC0415 (importable: checked before this is called)
+
+    if manifest.get("format") != FORMAT:
+        log.info("the ONNX bundle was written by another version of `locca export`; exporting again",
+                 extra={"bundle": str(onnx_dir), "format": manifest.get("format"), "expected": FORMAT})
         return True
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     if source.get("sha256") != digest:

@@ -16,12 +16,11 @@ def test_every_size_builds_with_consistent_shapes(name):
         visual = model.encode(torch.empty(2, 3, cfg.image_size, cfg.image_size))
         ck, cv = model.cross_kv(visual)
         k, v = model.empty_cache(2)
-        logits, k2, _ = model.decode_step(torch.zeros(2, 3, dtype=torch.long),
-                                          torch.arange(3).expand(2, 3), k, v, ck, cv)
+        logits = model.decode_step(torch.zeros(2, 3, dtype=torch.long), torch.arange(3).expand(2, 3), k, v, ck, cv)
     head_dim = cfg.dec_width // cfg.dec_heads
     assert visual.shape == (2, cfg.num_patches, cfg.enc_width)
     assert ck.shape == (cfg.dec_depth, 2, cfg.dec_heads, cfg.num_patches, head_dim)
-    assert k2.shape == (cfg.dec_depth, 2, cfg.dec_heads, cfg.max_seq_len, head_dim)
+    assert k.shape == (cfg.dec_depth, 2, cfg.dec_heads, cfg.max_seq_len, head_dim)
     assert logits.shape == (2, 3, cfg.vocab_size)
     n = count_parameters(model)
     print(f"{name}: {n / 1e6:.1f} M parameters, encoder {count_parameters(model.encoder) / 1e6:.1f} M")

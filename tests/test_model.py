@@ -31,10 +31,10 @@ def test_cached_steps_equal_the_training_forward_for_all_three_tasks(tiny_model,
     rows = tokens.repeat(2, 1)  # (B*K, T), row b*K + k
     k, v = tiny_model.empty_cache(2 * K)
     prefill = 3  # prompt in one call, then one token at a time
-    logits, k, v = tiny_model.decode_step(rows[:, :prefill], torch.arange(prefill).expand(2 * K, -1), k, v, ck, cv)
+    logits = tiny_model.decode_step(rows[:, :prefill], torch.arange(prefill).expand(2 * K, -1), k, v, ck, cv)
     steps = [logits]
     for t in range(prefill, T):
-        logits, k, v = tiny_model.decode_step(rows[:, t:t + 1], torch.full((2 * K, 1), t), k, v, ck, cv)
+        logits = tiny_model.decode_step(rows[:, t:t + 1], torch.full((2 * K, 1), t), k, v, ck, cv)
         steps.append(logits)
     cached = torch.cat(steps, dim=1).view(2, K, T, -1)
     for task in range(K):
