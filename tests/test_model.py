@@ -66,6 +66,29 @@ def test_rows_at_different_positions_in_one_batch_match_each_alone(tiny_model, t
 
 
 @torch.no_grad()
+def test_decode_step_equals_the_pure_decode_layers_plus_a_cache_write(tiny_model):
+    """decode_step (write in place, then attend: eager PyTorch) and decode_layers (read the past, return the new
+    keys/values: the exported graph) are one function: same logits, and the same cache once the caller writes."""
+    g = torch.Generator().manual_seed(4)
+    c, B, S = tiny_model.cfg, 3, tiny_model.cfg.max_seq_len
+    ck, cv = tiny_model.cross_kv(tiny_model.encode(torch.randn(B, 3, 128, 128, generator=g)))
+    k, v = (torch.randn(c.dec_depth, B, c.dec_heads, S, c.dec_width // c.dec_heads, generator=g) for _ in range(2))
+    for T, starts in ((5, [0, 0, 0]), (1, [7, 0, 30]), (4, [2, 11, S - 4])):
+        positions = torch.tensor(starts)[:, None] + torch.arange(T)
+        tokens = torch.randint(0, c.vocab_size, (B, T), generator=g)
+        pure, new_k, new_v = tiny_model.decode_layers(tokens, positions, k, v, ck, cv)
+        k2, v2 = k.clone(), v.clone()
+        for cache, new in ((k2, torch.stack(new_k)), (v2, torch.stack(new_v))):
+            for b in range(B):
+                cache[:, b, :, positions[b]] = new[:, b]
+        eager = tiny_model.decode_step(tokens, positions, k, v, ck, cv)  # writes k and v in place
+        torch.testing.assert_close(eager, pure, atol=1e-5, rtol=0)
+        torch.testing.assert_close(k[0], k2[0], atol=0, rtol=0)  # layer 0's keys/values: the same arithmetic
+        torch.testing.assert_close(k, k2, atol=1e-5, rtol=0)      # later layers' inputs went through attention
+        torch.testing.assert_close(v, v2, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
 def test_cross_attention_keys_are_computed_once_per_image_and_shared(tiny_model, tok):
     pixels = torch.randn(3, 3, 128, 128)
     tokens = torch.randint(tok.text_start, tok.loc_offset, (3, 2, 6))
