@@ -22,13 +22,14 @@ from .tokenizer import LoccaTokenizer
 class DecodingOptions:
     beam_size: int = 1            # 1 = greedy search
     num_return: int = 1           # hypotheses returned per query, best first (<= beam_size)
-    max_new_tokens: int = 32      # budget of a query that sets none (clipped to the model's positions)
+    max_new_tokens: int | None = None  # budget of a query that sets none; None: the model's positions left
+                                       # after the prompt (a budget is always clipped to those)
     length_penalty: float = 1.0   # rank by sum(logp) / len**length_penalty; 1.0 ranks by mean log-probability
 
     def __post_init__(self):
         if self.beam_size < 1 or not 1 <= self.num_return <= self.beam_size:
             raise ValueError("need beam_size >= 1 and 1 <= num_return <= beam_size")
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
 
 
@@ -110,7 +111,9 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def budget_for(query: Query, options: DecodingOptions, max_seq_len: int) -> int:
-    budget = min(query.max_new_tokens or options.max_new_tokens, max_seq_len - len(query.prompt))
+    budget = max_seq_len - len(query.prompt)
+    if query.max_new_tokens or options.max_new_tokens:
+        budget = min(query.max_new_tokens or options.max_new_tokens, budget)
     if budget < MIN_NEW_TOKENS[query.task]:
         raise ValueError(f"{query.task}: a prompt of {len(query.prompt)} tokens leaves {budget} of the model's "
                          f"{max_seq_len} positions; the task needs {MIN_NEW_TOKENS[query.task]}")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.config import get_size
-from model.decoding import DecodingOptions, Grammar, GrammarState, Query, decode, log_softmax
+from model.decoding import DecodingOptions, Grammar, GrammarState, Query, budget_for, decode, log_softmax
 from model.inference import TorchInference
 from model.model import LocCa
 from model.tasks import GRAMMARS
@@ -56,7 +56,7 @@ def test_every_output_is_well_formed_on_random_weights(seed, beam, tok, tasks):
         assert len(hyps) == beam
         assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
         for h in hyps:
-            assert_well_formed(q.task, h.tokens, tok, q.max_new_tokens or 32)
+            assert_well_formed(q.task, h.tokens, tok, q.max_new_tokens or model.cfg.max_seq_len - len(q.prompt))
             assert len(h.logprobs) == len(h.tokens) and all(lp <= 0 for lp in h.logprobs)
             parsed = tasks.parse(q.task, h.tokens, 300, 200)
             if "box" in parsed:
@@ -137,3 +137,13 @@ def test_greedy_fast_path_takes_the_general_beam_paths_choices(task, tok):
                 break
         assert [(h.tokens, h.score) for h in fast.finished] == [(h.tokens, h.score) for h in general.finished]
         assert len(fast.finished) == 1
+
+
+def test_the_default_budget_is_every_position_the_prompt_leaves():
+    """A six-object scene's caption takes up to ~50 tokens: a fixed default budget (it was 32) cut a quarter of
+    the held-out captions short. With none set, a query may use all of the model's positions."""
+    q = Query(0, "caption", (1, 2))
+    assert budget_for(q, DecodingOptions(), 48) == 46
+    assert budget_for(q, DecodingOptions(max_new_tokens=20), 48) == 20
+    assert budget_for(Query(0, "caption", (1, 2), 10), DecodingOptions(max_new_tokens=20), 48) == 10
+    assert budget_for(Query(0, "caption", (1, 2), 100), DecodingOptions(), 48) == 46
