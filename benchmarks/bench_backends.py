@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--rounds", type=int, default=7, help="rounds of turns; medians are reported")
     p.add_argument("--steps", type=int, default=20, help="decoder steps timed per round")
-    p.add_argument("--json", default="bench_backends.json", help="where to write the figures")
+    p.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" / "bench_backends.json"),
+                   help="where to write the figures (default benchmarks/results/bench_backends.json)")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,6 +123,7 @@ def main(argv=None) -> int:
     print(f"threads={args.threads}  rounds={args.rounds}  model={args.model} (step {out['step']})")
     print(head, "-" * len(head), *rows, sep="\n")
     print("x = torch time / onnxruntime time")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
 
