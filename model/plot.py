@@ -19,7 +19,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "curves.png"
     metrics, evals = _rows(run_dir / "metrics.jsonl"), _rows(run_dir / "eval.jsonl")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3 if evals else 2, figsize=(15 if evals else 10, 4))  # no empty eval panel
     if metrics:
         steps = [m["step"] for m in metrics]
         for key in ("loss", "Cap", "ARef", "GCap"):

@@ -170,3 +170,17 @@ def test_a_checkpoint_stored_in_fp16_loads_as_fp32_at_half_the_size(tmp_path, ti
     assert all(p.dtype == torch.float32 for p in half.parameters())
     a, b = tiny_model.state_dict(), half.state_dict()
     assert all(torch.allclose(a[k].float(), b[k], rtol=1e-3, atol=1e-4) for k in a)
+
+
+def test_learning_curves_have_an_eval_panel_only_when_the_run_evaluated(tmp_path):
+    from PIL import Image
+
+    from model.plot import plot_run
+
+    row = {"loss": 1.0, "Cap": 0.5, "ARef": 1.5, "GCap": 1.2, "lr": 1e-3, "images_per_s": 30.0}
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, **row}) + "\n" for s in (20, 40)))
+    two = Image.open(plot_run(tmp_path, tmp_path / "a.png")).size
+    ev = {"refer_acc50": 0.5, "caption_exact": 0.4, "describe_exact": 0.3, "proposal_precision": 0.2}
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"step": 40, **ev}) + "\n")
+    three = Image.open(plot_run(tmp_path, tmp_path / "b.png")).size
+    assert two[1] == three[1] and three[0] == pytest.approx(1.5 * two[0], rel=0.02)
