@@ -139,6 +139,7 @@ class OrtState:
     cache_v: list
     cross_k: list  # L x (R, H, N, Dh): each row's image
     cross_v: list
+    rows_buffer: list | None = None  # CPU: the arrays the tensors are leading-row views of, with spare rows
 
     @property
     def rows(self) -> int:
@@ -149,9 +150,13 @@ class OrtState:
         return [*self.cache_k, *self.cache_v, *self.cross_k, *self.cross_v]
 
     @classmethod
-    def of(cls, tensors: list) -> OrtState:
+    def of(cls, tensors: list, rows_buffer: list | None = None) -> OrtState:
         L = len(tensors) // 4
-        return cls(*(tensors[i * L:(i + 1) * L] for i in range(4)))
+        return cls(*(tensors[i * L:(i + 1) * L] for i in range(4)), rows_buffer)
+
+    @property
+    def capacity(self) -> int:
+        return self.rows_buffer[0].shape[0] if self.rows_buffer is not None else self.rows
 
 
 class OnnxInference:
@@ -213,11 +218,30 @@ class OnnxInference:
         idx = np.asarray(rows, dtype=np.int64)
         if len(idx) == state.rows and (idx == np.arange(len(idx))).all():
             return  # every row in place (greedy search while all sequences run): nothing to move
-        new = OrtState.of(self.mem.take(state.tensors(), idx))
+        if isinstance(self.mem, _Host) and len(idx) <= state.capacity and state.rows_buffer is not None:
+            new = OrtState.of(_Host.take_in_place(state.rows_buffer, state.tensors(), idx), state.rows_buffer)
+        else:
+            new = OrtState.of(self.mem.take(state.tensors(), idx))
         state.cache_k, state.cache_v, state.cross_k, state.cross_v = new.cache_k, new.cache_v, new.cross_k, new.cross_v
+        state.rows_buffer = new.rows_buffer
 
     def merge(self, a: OrtState, b: OrtState) -> OrtState:
-        return OrtState.of(self.mem.cat(a.tensors(), b.tensors()))
+        """a's rows then b's. On CPU the result takes over a's arrays (a must not be used again): b's rows are
+        copied into their spare rows, or, when there are too few, both into new arrays with room to spare
+        (twice the rows, a power of two), so that a running batch that requests keep joining is not copied
+        whole at every join, nor at every `select` (rows leaving, beams reordering) that fits."""
+        if not isinstance(self.mem, _Host):
+            return OrtState.of(self.mem.cat(a.tensors(), b.tensors()))
+        n, m = a.rows, b.rows
+        buffer = a.rows_buffer
+        if buffer is None or a.capacity < n + m:
+            cap = 1 << max(3, (2 * (n + m) - 1).bit_length())
+            buffer = [np.empty((cap, *x.shape[1:]), x.dtype) for x in a.tensors()]
+            for buf, x in zip(buffer, a.tensors(), strict=True):
+                buf[:n] = x
+        for buf, x in zip(buffer, b.tensors(), strict=True):
+            buf[n:n + m] = x
+        return OrtState.of([buf[:n + m] for buf in buffer], buffer)
 
 
 class _Host:
@@ -234,6 +258,15 @@ class _Host:
 
     def take(self, xs: list, idx: np.ndarray) -> list:
         return [x[idx] for x in xs]
+
+    @staticmethod
+    def take_in_place(buffer: list, xs: list, idx: np.ndarray) -> list:
+        """`take` inside the arrays `buffer` (xs are their leading rows): only the rows that change are copied
+        (gathered first, so a row can move where another is read from); returns the new leading-row views."""
+        moved = np.flatnonzero(idx != np.arange(len(idx)))
+        for buf, x in zip(buffer, xs, strict=True):
+            buf[moved] = x[idx[moved]]
+        return [buf[:len(idx)] for buf in buffer]
 
     def write(self, caches: list, new: list, positions: np.ndarray) -> list:
         rows = np.arange(len(positions))[:, None]

@@ -143,6 +143,18 @@ def select_merge_story(inf, px, rng_seed=4):
     out.append(inf.step(m, rng.integers(0, V, (3, 1)), np.array([[4], [4], [2]])))
     inf.select(m, np.arange(3))  # identity
     out.append(inf.step(m, rng.integers(0, V, (3, 1)), np.array([[5], [5], [3]])))
+    inf.select(m, np.array([2, 0, 0]))  # on CPU in place: rows move inside the merged arrays
+    c = inf.start(cross, np.array([0, 1, 1, 0, 1]))
+    out.append(inf.step(c, rng.integers(0, V, (5, 2)), np.tile(np.arange(2), (5, 1))))
+    m = inf.merge(m, c)  # fills the spare rows exactly (3 + 5 = 8)
+    out.append(inf.step(m, rng.integers(0, V, (8, 1)), np.array([[4], [6], [6]] + [[2]] * 5)))
+    d = inf.start(cross, np.array([1]))
+    out.append(inf.step(d, rng.integers(0, V, (1, 3)), np.arange(3)[None]))
+    m = inf.merge(m, d)  # no room left: new arrays
+    assert m.rows == 9
+    out.append(inf.step(m, rng.integers(0, V, (9, 1)), np.array([[5], [7], [7]] + [[3]] * 5 + [[3]])))
+    inf.select(m, np.array([8, 0, 5, 5]))  # leave, reorder, repeat
+    out.append(inf.step(m, rng.integers(0, V, (4, 1)), np.array([[4], [6], [4], [4]])))
     return out
 
 
@@ -151,6 +163,24 @@ def test_select_and_merge_equal_torch(exported):
     px = pixels(t.cfg, 2, seed=5)
     for lt, lo in zip(select_merge_story(t, px), select_merge_story(o, px), strict=True):
         close(lo, lt)
+
+
+def test_cpu_joins_and_leaves_reuse_the_running_arrays(exported):
+    """On CPU a join copies only the joining rows into spare rows, and a select only the rows that move."""
+    _, o, _ = exported
+    cross = o.encode(pixels(o.cfg, 2, seed=7))
+    a = o.merge(o.start(cross, np.array([0, 1])), o.start(cross, np.array([1])))
+    assert a.rows == 3 and a.capacity == 8  # room to spare: twice the rows, a power of two
+    buffer = a.rows_buffer
+    a = o.merge(a, o.start(cross, np.array([0, 0])))
+    assert a.rows_buffer is buffer and a.rows == 5
+    a.cache_k[0][...] = np.random.default_rng(0).standard_normal(a.cache_k[0].shape)  # tell the rows apart
+    before = a.cache_k[0].copy()
+    o.select(a, np.array([0, 4, 2, 2]))
+    assert a.rows_buffer is buffer and all(np.shares_memory(x, b) for x, b in zip(a.tensors(), buffer, strict=True))
+    np.testing.assert_array_equal(a.cache_k[0], before[[0, 4, 2, 2]])
+    o.select(a, np.arange(9) % 4)  # more rows than the arrays hold: new ones
+    assert a.rows == 9 and a.rows_buffer is None
 
 
 def test_io_binding_path_equals_numpy_path(exported):
