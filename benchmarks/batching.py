@@ -2,8 +2,8 @@
 
 The server's worker loop (service/worker.py: Tasker, Scheduler, Runner; built by bench_server.InProcess with
 the server's default settings) is replayed in this process with closed-loop clients: `captioners` clients
-asking for long captions (the images whose captions run to the 32-token budget) and one client asking refer
-questions; each sends its next request the moment its last is answered. Two admission policies, the same
+asking for long captions (the quarter of the request pool whose captions our model makes longest) and one
+client asking refer questions; each sends its next request the moment its last is answered. Two admission policies, the same
 model calls:
     continuous  (the server's) a request joins the running batch at the next step;
     static      a batch is formed when the worker is idle and runs until its last request is done; what
