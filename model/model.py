@@ -159,7 +159,8 @@ def past_attention(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tens
     first would copy the whole cache on every step wherever tensors cannot be updated in place (ONNX graphs);
     this way a step reads the cache and its caller writes T new slots (model/inference.py, export/)."""
     scale = q.shape[-1] ** -0.5
-    scores = torch.cat([q @ past_k.transpose(-1, -2), q @ k.transpose(-1, -2)], -1) * scale + mask
+    # the scale on each product, not on their concatenation: ONNX Runtime folds it into each MatMul (one node less)
+    scores = torch.cat([(q @ past_k.transpose(-1, -2)) * scale, (q @ k.transpose(-1, -2)) * scale], -1) + mask
     p = scores.softmax(-1)
     S = past_k.shape[2]
     return p[..., :S] @ past_v + p[..., S:] @ v
