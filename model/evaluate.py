@@ -1,5 +1,8 @@
 """`locca eval`: held-out shapes scenes through the model, the spec's metrics as a table and JSON.
 
+    locca eval models/locca-tiny-shapes/checkpoint.safetensors --scenes 1000     # in-process (PyTorch)
+    locca eval --url http://127.0.0.1:8000 --scenes 1000                          # a running server, over REST
+
 Metrics (shapes-world spec, Evaluation):
     refer_acc50        share of referring expressions whose predicted box has IoU >= 0.5 with the true box
     refer_miou         mean IoU of those boxes
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 from pycocoevalcap.cider.cider import Cider
@@ -35,38 +39,27 @@ def _cider_tokens(text: str) -> str:
     return " ".join(re.findall(r"[a-z]+|[^\sa-z]", text.lower()))
 
 
-def evaluate(inference, tasks, scenes: list[Scene], batch_images: int = 32, max_regions: int = 5,
-             progress: bool = True) -> dict:
-    predictor = Predictor(inference, tasks)
+@dataclass
+class SceneAnswers:
+    """What a model answered about one scene, however it was asked (in-process or over the API)."""
+    caption: str
+    regions: list[dict]          # proposals without a box: {"box": [x0, y0, x1, y1], "text": str}, best first
+    refer_boxes: list[list[float]] = field(default_factory=list)   # one per object, for its expression
+    describe_texts: list[str] = field(default_factory=list)        # one per object, for its box
+
+
+def score(scenes: list[Scene], answers: list[SceneAnswers]) -> dict:
+    """The spec's metrics of `answers` against the truth of `scenes` (one SceneAnswers per scene)."""
     refer_iou, describe_ok, proposals_ok, n_proposals = [], [], 0, 0
     captions, references = {}, {}
-    t0 = time.perf_counter()
-    for start in tqdm(range(0, len(scenes), batch_images), disable=not progress, desc="eval", unit="batch"):
-        chunk = scenes[start:start + batch_images]
-        asks, meta = [], []
-        for j, s in enumerate(chunk):
-            asks.append(Ask(j, "caption"))
-            meta.append(("caption", start + j, s.caption))
-            asks.append(Ask(j, "propose", max_regions=max_regions))
-            meta.append(("propose", start + j, s))
-            for obj, expr in zip(s.objects, s.expressions, strict=True):
-                asks.append(Ask(j, "refer", expression=expr))
-                meta.append(("refer", obj.box, None))
-                asks.append(Ask(j, "describe", box=obj.box))
-                meta.append(("describe", expr, None))
-        answers = predictor.run([s.image for s in chunk], asks)
-        for (kind, a, b), ans in zip(meta, answers, strict=True):
-            if kind == "caption":
-                captions[a], references[a] = [_cider_tokens(ans["text"])], [_cider_tokens(b)]
-            elif kind == "refer":
-                refer_iou.append(iou(ans["box"], a))
-            elif kind == "describe":
-                describe_ok.append(ans["text"] == a)
-            else:
-                for r in ans["regions"]:
-                    n_proposals += 1
-                    proposals_ok += any(iou(r["box"], o.box) >= 0.5 and r["text"] == e
-                                        for o, e in zip(b.objects, b.expressions, strict=True))
+    for i, (s, a) in enumerate(zip(scenes, answers, strict=True)):
+        captions[i], references[i] = [_cider_tokens(a.caption)], [_cider_tokens(s.caption)]
+        refer_iou += [iou(box, o.box) for box, o in zip(a.refer_boxes, s.objects, strict=True)]
+        describe_ok += [t == e for t, e in zip(a.describe_texts, s.expressions, strict=True)]
+        for r in a.regions:
+            n_proposals += 1
+            proposals_ok += any(iou(r["box"], o.box) >= 0.5 and r["text"] == e
+                                for o, e in zip(s.objects, s.expressions, strict=True))
     exact = [captions[k][0] == references[k][0] for k in captions]
     cider, _ = Cider().compute_score(references, captions)
     ious = np.array(refer_iou)
@@ -74,7 +67,29 @@ def evaluate(inference, tasks, scenes: list[Scene], batch_images: int = 32, max_
             "caption_exact": float(np.mean(exact)), "caption_cider": float(cider),
             "describe_exact": float(np.mean(describe_ok)),
             "proposal_precision": proposals_ok / n_proposals if n_proposals else 0.0,
-            "proposals_per_scene": n_proposals / len(scenes), "seconds": time.perf_counter() - t0}
+            "proposals_per_scene": n_proposals / len(scenes)}
+
+
+def evaluate(inference, tasks, scenes: list[Scene], batch_images: int = 32, max_regions: int = 5,
+             progress: bool = True) -> dict:
+    """Every task on every scene through model/predictor.Predictor (greedy; proposals by beam search), scored."""
+    predictor = Predictor(inference, tasks)
+    answers: list[SceneAnswers] = []
+    t0 = time.perf_counter()
+    for start in tqdm(range(0, len(scenes), batch_images), disable=not progress, desc="eval", unit="batch"):
+        chunk = scenes[start:start + batch_images]
+        asks = []
+        for j, s in enumerate(chunk):
+            asks += [Ask(j, "caption"), Ask(j, "propose", max_regions=max_regions)]
+            asks += [Ask(j, "refer", expression=e) for e in s.expressions]
+            asks += [Ask(j, "describe", box=o.box) for o in s.objects]
+        out = iter(predictor.run([s.image for s in chunk], asks))
+        for s in chunk:
+            caption, propose = next(out), next(out)
+            refer = [next(out)["box"] for _ in s.objects]
+            describe = [next(out)["text"] for _ in s.objects]
+            answers.append(SceneAnswers(caption["text"], propose["regions"], refer, describe))
+    return {**score(scenes, answers), "seconds": time.perf_counter() - t0}
 
 
 def table(metrics: dict) -> str:
@@ -84,7 +99,11 @@ def table(metrics: dict) -> str:
 
 
 def add_arguments(p):
-    p.add_argument("checkpoint", help="a checkpoint.safetensors (a run's, during or after training)")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint.safetensors (a run's, during or after training)")
+    p.add_argument("--url", default=None, help="evaluate a running server instead, through its REST API "
+                   "(e.g. http://127.0.0.1:8000): what a client of `locca serve` gets")
+    p.add_argument("--workers", type=int, default=8, help="--url: requests in flight at once (default 8)")
+    p.add_argument("--api-key", default=None, help="--url: the server's API key, if it requires one")
     p.add_argument("--scenes", type=int, default=1000, help="held-out scenes to evaluate (default 1000)")
     p.add_argument("--offset", type=int, default=None, help="first held-out seed (default: the eval range)")
     p.add_argument("--batch-images", type=int, default=32, help="images encoded and decoded together")
@@ -95,10 +114,19 @@ def run(args) -> int:
     from .checkpoint import load
     from .inference import TorchInference
 
-    bundle = load(args.checkpoint)
+    if (args.checkpoint is None) == (args.url is None):
+        raise SystemExit("locca eval: give a checkpoint or --url URL (a running server), not both")
     scenes = heldout_scenes(args.scenes, args.offset)
-    metrics = evaluate(TorchInference(bundle.model), bundle.tasks, scenes, args.batch_images)
-    metrics["checkpoint_step"] = bundle.meta.get("step")
+    if args.url:
+        from service.remote_eval import answers_over_rest  # noqa: PLC0415 (the server side needs no torch)
+
+        t0 = time.perf_counter()
+        metrics = score(scenes, answers_over_rest(args.url, scenes, args.workers, args.api_key))
+        metrics |= {"seconds": time.perf_counter() - t0, "url": args.url}
+    else:
+        bundle = load(args.checkpoint)
+        metrics = evaluate(TorchInference(bundle.model), bundle.tasks, scenes, args.batch_images)
+        metrics["checkpoint_step"] = bundle.meta.get("step")
     print(table(metrics))
     if args.json:
         with open(args.json, "w") as f:

@@ -120,7 +120,9 @@ class LoccaClient:
     def refer(self, image, expression: str, **kw) -> Referral:
         return self._post("/v1/refer", image, {"expression": expression}, **kw)
 
-    def ground(self, image, box: list[float] | None = None, max_regions: int | None = None, **kw) -> list[Region]:
+    def ground(self, image, box=None, max_regions: int | None = None, **kw) -> list[Region]:
+        """box: [x0, y0, x1, y1], any sequence of numbers (a tuple, a numpy array)."""
+        box = None if box is None else [float(v) for v in box]
         return self._post("/v1/ground", image, {"box": box, "max_regions": max_regions}, **kw)
 
     def models(self) -> dict:

@@ -93,3 +93,19 @@ def test_url_mode_gives_the_local_answer(capsys, scene_png, tmp_path, bundled_se
         assert json.loads(drawn.text["locca:result"]) == there
     code, _, err = predict(capsys, path, "--task", "ground", "--box", "0,0,0,0", "--url", bundled_server.url)
     assert code == 2 and "bad_box" in err  # the server's error, passed on
+
+
+def test_eval_over_rest_scores_what_the_model_answers_in_process(bundled_server, tmp_path):
+    """`locca eval --url`: the same scenes through the server's REST API score as `locca eval CHECKPOINT`."""
+    from locca.cli import main
+    from model.evaluate import evaluate, heldout_scenes
+
+    out = tmp_path / "rest.json"
+    assert main(["eval", "--url", bundled_server.url, "--scenes", "3", "--offset", "5000", "--json", str(out)]) == 0
+    rest = json.loads(out.read_text())
+    here = predict_cli.load_predictor(MODEL)
+    local = evaluate(here.inference, here.tasks, heldout_scenes(3, 5000), progress=False)
+    for k in ("refer_acc50", "caption_exact", "describe_exact", "proposal_precision", "proposals_per_scene"):
+        assert rest[k] == local[k], k
+    assert rest["refer_miou"] == pytest.approx(local["refer_miou"], abs=1e-3) and rest["scenes"] == 3
+    assert rest["refer_acc50"] > 0.5  # the bundled model localises: a broken path would score near 0

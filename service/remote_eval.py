@@ -1,0 +1,43 @@
+"""`locca eval --url URL`: the held-out evaluation through a running server's REST API, as a client sees it.
+
+Every scene is sent as a PNG: one caption, one ground without a box (the proposals), and for each object a
+refer with its expression and a ground with its box; `workers` requests are in flight at once. The answers
+are scored by model/evaluate.score, the same metrics as `locca eval CHECKPOINT`.
+"""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+from tqdm import tqdm
+
+from model.evaluate import SceneAnswers
+from model.shapes import Scene
+
+from .client import LoccaClient
+
+
+def png(scene: Scene) -> bytes:
+    buf = io.BytesIO()
+    scene.image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def answers_over_rest(url: str, scenes: list[Scene], workers: int = 8, api_key: str | None = None,
+                      max_regions: int = 5, progress: bool = True) -> list[SceneAnswers]:
+    with LoccaClient(url, timeout=120, retries=8, api_key=api_key) as client:
+        if not client.ready():
+            raise SystemExit(f"the server at {url} is not ready (GET /readyz); start it with `locca serve`")
+
+        def ask(scene: Scene) -> SceneAnswers:
+            data = png(scene)
+            return SceneAnswers(
+                client.caption(data).caption,
+                [{"box": r.box, "text": r.text} for r in client.ground(data, max_regions=max_regions)],
+                [client.refer(data, e).box for e in scene.expressions],
+                [client.ground(data, box=o.box)[0].text for o in scene.objects])
+
+        with ThreadPoolExecutor(workers) as pool:
+            return list(tqdm(pool.map(ask, scenes), total=len(scenes), disable=not progress, desc="eval",
+                             unit="scene"))
