@@ -8,11 +8,11 @@ starts from that (models/locca-tiny-shapes/MODEL_CARD.md lists the legs).
     locca eval runs/leg/checkpoint.safetensors --scenes 1000 --json runs/leg/eval.json
 
 Scenes: each leg starts its part of the endless training stream after the scenes of the legs before it
-(`data_start`), so no leg repeats another's. Legs 1-3 (2026-11-29) used scenes 16,000-179,199; the next
+(`data_start`), so no leg repeats another's. Legs 1-5 (2026-11-29) used scenes 16,000-409,599; the next
 starts after them. The bundled model's card lists the legs and their commands.
 """
 
 from model.configs.shapes_tiny_long import CONFIG as LONG
 
 CONFIG = LONG.replace(init_from="models/locca-tiny-shapes/checkpoint.safetensors", steps=2000, warmup_steps=100,
-                      eval_every=0, ckpt_every=100, data_start=179_200)
+                      eval_every=0, ckpt_every=100, data_start=409_600)
