@@ -23,30 +23,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.backends import find_checkpoint  # noqa: E402
 from export.onnx_backend import OnnxInference, io_names, session_options  # noqa: E402
-from export.onnx_export import _export, example_inputs, export  # noqa: E402
+from export.onnx_export import DecoderGraph, _export, example_inputs, export  # noqa: E402
 from model import checkpoint  # noqa: E402
 
 
-class GraphWrites(nn.Module):
+class GraphWrites(DecoderGraph):
     """The format-1 decoder: the step's keys/values scattered into the past inside the graph."""
 
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
     def forward(self, tokens, positions, *tensors):
-        L = self.model.cfg.dec_depth
-        past_k, past_v, cross_k, cross_v = (tensors[i * L:(i + 1) * L] for i in range(4))
-        logits, k, v = self.model.decode_layers(tokens, positions, past_k, past_v, cross_k, cross_v)
-        index = positions[:, None, :, None].expand_as(k[0])
-        return (logits, *(p.scatter(2, index, n) for p, n in zip(past_k, k, strict=True)),
-                *(p.scatter(2, index, n) for p, n in zip(past_v, v, strict=True)))
+        logits, *new = super().forward(tokens, positions, *tensors)
+        index = positions[:, None, :, None].expand_as(new[0])
+        return logits, *(past.scatter(2, index, n) for past, n in zip(tensors[:len(new)], new, strict=True))
 
 
 def export_graph_writes(ckpt: Path, out: Path) -> Path:
