@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from model.shapes import generate_scene
-from service import launch, protos
+from service import images, launch, predict, protos
 from service.client import AsyncLoccaClient, LoccaClient, LoccaError, LoccaGrpcClient
 
 pb, pb_grpc = protos.load()
@@ -104,7 +104,7 @@ def test_models_docs_metrics(server, model_path):
         assert f"# TYPE {name}" in text
 
 
-def test_every_task_agrees_across_multipart_json_and_grpc(server, rest, rpc, scenes):
+def test_every_task_agrees_across_multipart_json_and_grpc(server, rest, rpc, scenes, model_path):
     s = scenes[1]
     w, h = s.image.size
     data = png(s.image)
@@ -127,7 +127,9 @@ def test_every_task_agrees_across_multipart_json_and_grpc(server, rest, rpc, sce
     x0, y0, x1, y1 = ref.box
     assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and ref.expression == s.expressions[0]
     assert len(described) == 1 and described[0].box == [10, 20, 110, 90.5] and described[0].text
-    assert 1 <= len(proposed) <= 3
+    local = predict.answer(predict.load_predictor(str(model_path)), images.decode(data, predict.LOCAL_LIMITS),
+                           "ground", max_regions=3)["regions"]  # the same model in this process
+    assert len(proposed) == len(local) and [r.text for r in proposed] == [r["text"] for r in local]
     assert all(0 <= r.box[0] < r.box[2] <= w and 0 <= r.box[1] < r.box[3] <= h for r in proposed)
 
 
