@@ -218,7 +218,7 @@ class OnnxInference:
         idx = np.asarray(rows, dtype=np.int64)
         if len(idx) == state.rows and (idx == np.arange(len(idx))).all():
             return  # every row in place (greedy search while all sequences run): nothing to move
-        if isinstance(self.mem, _Host) and len(idx) <= state.capacity and state.rows_buffer is not None:
+        if state.rows_buffer is not None and len(idx) <= state.capacity:  # arrays with spare rows (CPU merge)
             new = OrtState.of(_Host.take_in_place(state.rows_buffer, state.tensors(), idx), state.rows_buffer)
         else:
             new = OrtState.of(self.mem.take(state.tensors(), idx))
@@ -270,9 +270,9 @@ class _Host:
 
     def write(self, caches: list, new: list, positions: np.ndarray) -> list:
         if len(positions) <= 2:  # a row or two (batch-1 latency): slices beat fancy indexing (4 vs 9 us)
-            T = positions.shape[1]
+            T, starts = positions.shape[1], positions[:, 0].tolist()
             for c, n in zip(caches, new, strict=True):
-                for r, p in enumerate(positions[:, 0].tolist()):
+                for r, p in enumerate(starts):
                     c[r, :, p:p + T] = n[r]  # a call's positions are consecutive in each row
             return caches
         rows = np.arange(len(positions))[:, None]

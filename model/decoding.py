@@ -111,9 +111,9 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def budget_for(query: Query, options: DecodingOptions, max_seq_len: int) -> int:
-    budget = max_seq_len - len(query.prompt)
-    if query.max_new_tokens or options.max_new_tokens:
-        budget = min(query.max_new_tokens or options.max_new_tokens, budget)
+    budget, asked = max_seq_len - len(query.prompt), query.max_new_tokens or options.max_new_tokens
+    if asked:
+        budget = min(asked, budget)
     if budget < MIN_NEW_TOKENS[query.task]:
         raise ValueError(f"{query.task}: a prompt of {len(query.prompt)} tokens leaves {budget} of the model's "
                          f"{max_seq_len} positions; the task needs {MIN_NEW_TOKENS[query.task]}")

@@ -115,7 +115,7 @@ def run(args) -> int:
     from .inference import TorchInference
 
     if (args.checkpoint is None) == (args.url is None):
-        raise SystemExit("locca eval: give a checkpoint or --url URL (a running server), not both")
+        raise SystemExit("locca eval: give either a checkpoint or --url URL (a running server)")
     scenes = heldout_scenes(args.scenes, args.offset)
     if args.url:
         from service.remote_eval import answers_over_rest  # noqa: PLC0415 (the server side needs no torch)

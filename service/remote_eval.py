@@ -7,7 +7,6 @@ are scored by model/evaluate.score, the same metrics as `locca eval CHECKPOINT`.
 
 from __future__ import annotations
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
@@ -15,13 +14,7 @@ from tqdm import tqdm
 from model.evaluate import SceneAnswers
 from model.shapes import Scene
 
-from .client import LoccaClient
-
-
-def png(scene: Scene) -> bytes:
-    buf = io.BytesIO()
-    scene.image.save(buf, format="PNG")
-    return buf.getvalue()
+from .client import LoccaClient, image_bytes
 
 
 def answers_over_rest(url: str, scenes: list[Scene], workers: int = 8, api_key: str | None = None,
@@ -31,7 +24,7 @@ def answers_over_rest(url: str, scenes: list[Scene], workers: int = 8, api_key: 
             raise SystemExit(f"the server at {url} is not ready (GET /readyz); start it with `locca serve`")
 
         def ask(scene: Scene) -> SceneAnswers:
-            data = png(scene)
+            data = image_bytes(scene.image)  # PNG-encoded once for the scene's 2 + 2 x objects requests
             return SceneAnswers(
                 client.caption(data).caption,
                 [{"box": r.box, "text": r.text} for r in client.ground(data, max_regions=max_regions)],
