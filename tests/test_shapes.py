@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,14 +26,16 @@ from model.shapes import (
     scene_to_record,
 )
 
-CONFORMANCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "shapes-conformance"
+# the project's shared material: $LOCCA_SHARED, else shared/ beside the checkout (../shared from its root)
+SHARED = Path(os.environ.get("LOCCA_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
+CONFORMANCE = SHARED / "data" / "shapes-conformance"
 
 
 @pytest.fixture(scope="module")
 def vectors() -> list[dict]:
     # No skip: without the vectors nothing says that this generator reads the spec like the others.
     path = CONFORMANCE / "scenes.jsonl"
-    assert path.is_file(), f"conformance vectors missing: {path}"
+    assert path.is_file(), f"conformance vectors missing: {path} (set LOCCA_SHARED to the shared/ folder)"
     scenes = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     assert len(scenes) == 500
     return scenes
