@@ -3,11 +3,15 @@
 The server's worker loop (service/worker.py: Tasker, Scheduler, Runner; built by bench_server.InProcess with
 the server's default settings) is replayed in this process with closed-loop clients: `captioners` clients
 asking for long captions (the quarter of the request pool whose captions our model makes longest) and one
-client asking refer questions; each sends its next request the moment its last is answered. Two admission policies, the same
-model calls:
-    continuous  (the server's) a request joins the running batch at the next step;
+client asking refer questions; each sends its next request the moment its last is answered. Three admission
+policies, the same model calls:
+    continuous  (the server's) a request joins the running batch at the next step, short jobs first: a refer
+                is prefilled before waiting captions, and captions that arrive while it decodes wait (up to
+                the scheduler's max_defer) instead of running their encoder between its steps;
+    arrival     continuous batching in arrival order (short_job_tokens = 0): every waiting request is
+                prefilled before the next decode step;
     static      a batch is formed when the worker is idle and runs until its last request is done; what
-                arrives meanwhile waits for the next batch.
+                arrives meanwhile waits for the next batch (in arrival order).
 The refer client alone, on an otherwise idle worker, gives the idle latency. The HTTP layer is left out: the
 server's overhead is measured by bench_server.py (0.6 ms at the p50).
 """
@@ -39,9 +43,12 @@ class Request:
 def replay(local: InProcess, clients: list[list[Request]], policy: str, window: float) -> dict[str, list[float]]:
     """Latencies (seconds) by kind of the requests answered within `window` seconds after every client has had
     one answer. clients[i] is client i's requests, sent in turn."""
-    if policy not in ("continuous", "static"):
+    if policy not in ("continuous", "arrival", "static"):
         raise ValueError(f"unknown policy {policy!r}")
     sched, runner, tasker = local.scheduler, local.runner, local.tasker
+    short_tokens = sched.short_tokens
+    if policy != "continuous":
+        sched.short_tokens = 0
     held: list[Job] = []                 # static: arrived, waiting for the worker to be idle
     jobs: dict[int, tuple[int, Request]] = {}
     sent = [0] * len(clients)
@@ -70,7 +77,7 @@ def replay(local: InProcess, clients: list[list[Request]], policy: str, window: 
             for job in held[:sched.max_batch]:
                 sched.add(job)
             del held[:sched.max_batch]
-        batch = sched.schedule(float("inf"))
+        batch = sched.schedule(time.monotonic())  # the server's max_wait is 0: nothing waits for company
         done = sched.postprocess(batch, runner(batch))
         now = time.monotonic()
         for job in done:
@@ -84,6 +91,7 @@ def replay(local: InProcess, clients: list[list[Request]], policy: str, window: 
             if end is None or now < end:
                 send(i, now)
     runner.reset()
+    sched.short_tokens = short_tokens
     return lat
 
 
@@ -92,10 +100,11 @@ def mixed(local: InProcess, captions: list[Request], refers: list[Request], capt
     """Refer latency idle, and under mixed load with each policy; p50 in ms. The three runs take `turns` turns
     (a share of the window each), so that a change in the machine's load falls on all of them."""
     load = [captions[i::captioners] or captions for i in range(captioners)]
-    runs: dict[str, dict[str, list[float]]] = {"idle": {}, "continuous": {}, "static": {}}
+    runs: dict[str, dict[str, list[float]]] = {"idle": {}, "continuous": {}, "arrival": {}, "static": {}}
     for _ in range(turns):
         for name, clients, policy, share in (("idle", [refers], "continuous", 0.5),
                                              ("continuous", load + [refers], "continuous", 1.0),
+                                             ("arrival", load + [refers], "arrival", 1.0),
                                              ("static", load + [refers], "static", 1.0)):
             for kind, lat in replay(local, clients, policy, share * window / turns).items():
                 runs[name].setdefault(kind, []).extend(lat)
@@ -106,5 +115,6 @@ def mixed(local: InProcess, captions: list[Request], refers: list[Request], capt
                      "caption_p50_ms": 1e3 * float(np.median(lat["caption"])) if "caption" in lat else None,
                      "caption_n": len(lat.get("caption", []))}
     out["continuous_over_idle"] = out["continuous"]["refer_p50_ms"] / out["idle"]["refer_p50_ms"]
+    out["arrival_over_idle"] = out["arrival"]["refer_p50_ms"] / out["idle"]["refer_p50_ms"]
     out["static_over_idle"] = out["static"]["refer_p50_ms"] / out["idle"]["refer_p50_ms"]
     return out

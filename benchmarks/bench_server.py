@@ -53,7 +53,8 @@ class InProcess:
         self.backend = src.backend
         self.tasker = Tasker(Predictor(loaded.inference, loaded.tasks))
         self.runner = Runner(loaded.inference, loaded.tok.pad_id)
-        self.scheduler = Scheduler(settings.max_batch_size, 0.0, settings.max_rows)
+        self.scheduler = Scheduler(settings.max_batch_size, 0.0, settings.max_rows, settings.short_job_tokens,
+                                   settings.short_job_max_defer_ms / 1000)
         self.limits = images.Limits(settings.max_image_bytes, settings.max_image_pixels)
         self.size = loaded.cfg.image_size
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 PEER = "hf generate fp32"
+POLICIES = {"continuous": "continuous, short first", "arrival": "continuous, arrival order", "static": "static"}
 
 
 def goals(res: dict) -> list[dict]:
@@ -97,12 +98,13 @@ def table(res: dict) -> str:
                             f"{b['decode_rows'] / max(b['decode_steps'], 1):.1f}" if b else ""))
     if "batching" in res:
         b = res["batching"]
+        policies = [p for p in POLICIES if p in b]  # "arrival": runs since 2026-11-30
         lines += ["", f"3. refer p50 among {b['captioners']} long-caption clients: idle {b['idle']['refer_p50_ms']:.1f} ms;"
-                  f" continuous {b['continuous']['refer_p50_ms']:.1f} ms ({b['continuous_over_idle']:.2f}x idle);"
-                  f" static {b['static']['refer_p50_ms']:.1f} ms ({b['static_over_idle']:.2f}x idle)",
+                  + ";".join(f" {POLICIES[p]} {b[p]['refer_p50_ms']:.1f} ms ({b[p + '_over_idle']:.2f}x idle)"
+                             for p in policies),
                   "   the long captions meanwhile: " + "; ".join(
                       f"{p} p50 {b[p]['caption_p50_ms']:.0f} ms, {b[p]['caption_n']} answered in {b['window_s']:.0f} s"
-                      for p in ("continuous", "static"))]
+                      for p in policies)]
     if "encoder" in res:
         lines += ["", "4. encoder model FLOPs utilisation (of the measured peak of its dtype), by batch"]
         for name in dict.fromkeys(r["name"] for r in res["encoder"]):
@@ -153,8 +155,10 @@ def plot(res: dict, path) -> None:
             a.legend()
     if "batching" in res:
         b = res["batching"]
-        names = ["idle", "continuous", "static"]
-        ax[4].bar(names, [b[n]["refer_p50_ms"] for n in names], color=["tab:green", "tab:blue", "tab:gray"])
+        names = ["idle"] + [p for p in POLICIES if p in b]
+        colors = {"idle": "tab:green", "continuous": "tab:blue", "arrival": "tab:cyan", "static": "tab:gray"}
+        ax[4].bar(["idle" if n == "idle" else POLICIES[n].replace(", ", "\n") for n in names],
+                  [b[n]["refer_p50_ms"] for n in names], color=[colors[n] for n in names])
         ax[4].axhline(2 * b["idle"]["refer_p50_ms"], color="k", ls=":", label="goal: 2x idle")
         ax[4].set_title(f"3. refer p50 ms among {b['captioners']} long captions")
         ax[4].legend()

@@ -197,6 +197,16 @@ class BeamSearch:
         self.src = [self.rows[0]]
         return True
 
+    def most_tokens(self) -> int:
+        """The most tokens any beam may still generate: its budget, or fewer where no text is left in its
+        grammar (a refer's four corners and <eos>). The scheduler prefers jobs with few (service/scheduler.py)."""
+        most = 0
+        for s in self.states:
+            rest = s.phases[s.phase:]
+            fixed = None if any(kind == "text" for kind, _ in rest) else sum(n for _, n in rest) - s.count
+            most = max(most, s.budget if fixed is None else min(s.budget, fixed))
+        return most
+
     def tokens(self) -> np.ndarray:
         """(W,) the token each beam feeds next."""
         return np.array([s[-1] for s in self.seqs], dtype=np.int64)

@@ -10,6 +10,11 @@ Two kinds of batch:
              KV-cache rows): jobs join after their prefill and leave as soon as they finish, so a short refer
              never waits for a long caption.
 
+Short jobs first: a job that can generate at most `short_tokens` tokens (a refer: four corners and <eos>) is
+prefilled before the long ones that wait with it, and while one runs, long jobs that arrive are not prefilled
+(up to `max_defer` seconds each): their encoder calls would otherwise sit between a refer's few decode steps,
+each as long as several of them. Jobs already decoding never stop. Measured in benchmarks/batching.py.
+
 Each job's search is a `model.decoding.BeamSearch`, the same object `decode()` drives, and rows are laid out
 with the same `next_rows`: a job's output does not depend on what else is in the batch.
 """
@@ -65,8 +70,12 @@ class Stats:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int = 16, max_wait: float = 0.005, max_rows: int = 256):
+    def __init__(self, max_batch: int = 16, max_wait: float = 0.005, max_rows: int = 256, short_tokens: int = 8,
+                 max_defer: float = 0.02):
+        """short_tokens: jobs that generate at most this many tokens go first (0: strictly in arrival order);
+        max_defer: the longest a long job is held back for short ones (seconds)."""
         self.max_batch, self.max_wait, self.max_rows = max_batch, max_wait, max_rows
+        self.short_tokens, self.max_defer = short_tokens, max_defer
         self.waiting: list[Job] = []
         self.running: list[Job] = []   # prefilled, in the order of their rows
         self.rows = 0                  # rows the running state holds after the last batch
@@ -136,10 +145,24 @@ class Scheduler:
         return jobs
 
     # --- policy --------------------------------------------------------------------------------------
+    def short(self, job: Job) -> bool:
+        return job.search.most_tokens() <= self.short_tokens
+
+    def _candidates(self, now: float) -> list[Job]:
+        """The waiting jobs in the order they may be prefilled: short ones first; long ones only when no short
+        job waits or runs, or when the longest-waiting of them has been held back `max_defer` already."""
+        if not self.short_tokens:
+            return self.waiting
+        short = [j for j in self.waiting if self.short(j)]
+        long = [j for j in self.waiting if not self.short(j)]
+        if long and (short or any(self.short(j) for j in self.running)) and now - long[0].arrival < self.max_defer:
+            return short
+        return short + long
+
     def _prefill(self, now: float) -> Prefill | None:
         free = self.max_rows - sum(j.width for j in self.running)
         take: list[Job] = []
-        for job in self.waiting:
+        for job in self._candidates(now):
             if len(take) == self.max_batch or job.width > free:
                 break
             take.append(job)
@@ -149,7 +172,8 @@ class Scheduler:
         full = len(take) == self.max_batch or len(take) < len(self.waiting)  # waiting longer gains nothing
         if not (full or now - self.waiting[0].arrival >= self.max_wait):
             return None
-        self.waiting = self.waiting[len(take):]
+        taken = {j.id for j in take}
+        self.waiting = [j for j in self.waiting if j.id not in taken]
         for job in take:
             self.stats.queue_waits.append(now - job.arrival)
         self.stats.prefill_sizes.append(len(take))

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
         "works are batched at its next step anyway (continuous batching)"))
     max_rows: int = Field(256, ge=8, description=(
         "most KV-cache rows decoded together (a caption or refer takes 1 row, a region proposal 8)"))
+    short_job_tokens: int = Field(8, ge=0, description=(
+        "requests that generate at most this many tokens (a refer: 5) are prefilled before longer ones, and "
+        "while one is decoding, newly arrived longer ones wait (see --short-job-max-defer-ms), so that a refer "
+        "among long captions is not slowed by their encoder calls; 0 = strictly in arrival order"))
+    short_job_max_defer_ms: float = Field(20.0, ge=0, description=(
+        "the longest a longer request is held back for short ones"))
 
     # --- admission ----------------------------------------------------------------------------------
     max_queue: int = Field(256, ge=1, description=(

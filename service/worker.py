@@ -40,6 +40,8 @@ class WorkerSpec:
     max_batch: int
     max_wait: float
     max_rows: int
+    short_tokens: int
+    max_defer: float
     warmup: bool
     log_level: str
     log_json: bool
@@ -60,7 +62,8 @@ def main(inbox, outbox, spec: WorkerSpec) -> None:
         loaded = load_inference(spec.model, spec.backend, spec.device, spec.threads or None)
         worker = Worker(Tasker(Predictor(loaded.inference, loaded.tasks)),
                         Runner(loaded.inference, loaded.tok.pad_id),
-                        Scheduler(spec.max_batch, spec.max_wait, spec.max_rows), inbox, outbox, spec.parent_pid)
+                        Scheduler(spec.max_batch, spec.max_wait, spec.max_rows, spec.short_tokens,
+                                  spec.max_defer), inbox, outbox, spec.parent_pid)
         if spec.warmup:
             worker.warm_up()
     except Exception as e:  # noqa: BLE001 (a missing, corrupt or incompatible model: say so, and exit)

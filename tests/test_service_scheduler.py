@@ -189,3 +189,56 @@ def test_batching_policy(predictor, scenes):
     assert isinstance(sched.schedule(9.0), Decode), "no room for 8 more rows next to 3 running ones"
     with pytest.raises(ValueError):
         Scheduler(max_rows=4).add(job_of(9, Ask(0, "propose"), scenes, tasker, size))
+
+
+def test_short_jobs_go_first_and_long_ones_wait_at_most_max_defer(predictor, scenes):
+    tasker, size = Tasker(predictor), predictor.image_size
+    runner = Runner(predictor.inference, predictor.tasks.tok.pad_id)
+
+    def caption(k, now):
+        return job_of(k, Ask(0, "caption", max_new_tokens=30), scenes, tasker, size, now=now)
+
+    def refer(k, now):
+        return job_of(k, Ask(1, "refer", expression=scenes[1].expressions[0]), scenes, tasker, size, now=now)
+
+    assert refer(0, 0.0).search.most_tokens() == 5, "four corners and <eos>, whatever the budget"
+    assert caption(0, 0.0).search.most_tokens() == 30
+    assert job_of(0, Ask(0, "propose"), scenes, tasker, size).search.most_tokens() > 8
+
+    # a refer that arrives after a caption is prefilled first, alone; the caption waits while it decodes
+    sched = Scheduler(max_batch=8, max_wait=0.0, max_rows=64, short_tokens=8, max_defer=1.0)
+    sched.add(caption(0, 0.0))
+    sched.add(refer(1, 0.0))
+    batch = sched.schedule(0.0)
+    assert isinstance(batch, Prefill) and [j.id for j in batch.jobs] == [1]
+    sched.postprocess(batch, runner(batch))
+    steps = 0
+    while sched.running:
+        batch = sched.schedule(0.5)
+        assert isinstance(batch, Decode) and [j.id for j in batch.jobs] == [1]
+        sched.postprocess(batch, runner(batch))
+        steps += 1
+    assert 1 <= steps <= 4
+    batch = sched.schedule(0.5)
+    assert isinstance(batch, Prefill) and [j.id for j in batch.jobs] == [0], "then the caption"
+    sched.postprocess(batch, runner(batch))
+
+    # a caption arriving while a refer decodes is held back at most max_defer, then joins the running batch
+    sched.add(refer(2, 1.0))
+    batch = sched.schedule(1.0)
+    assert isinstance(batch, Prefill) and [j.id for j in batch.jobs] == [2] and batch.base == 1
+    sched.postprocess(batch, runner(batch))
+    sched.add(caption(3, 1.0))
+    batch = sched.schedule(1.5)
+    assert isinstance(batch, Decode) and {j.id for j in batch.jobs} == {0, 2}
+    sched.postprocess(batch, runner(batch))
+    batch = sched.schedule(2.0)
+    assert isinstance(batch, Prefill) and [j.id for j in batch.jobs] == [3], "max_defer has passed"
+    assert any(j.id == 2 for j in sched.running), "while the refer still runs"
+
+    # short_tokens=0: strictly in arrival order, one prefill for both
+    sched = Scheduler(max_batch=8, max_wait=0.0, max_rows=64, short_tokens=0)
+    sched.add(caption(0, 0.0))
+    sched.add(refer(1, 0.0))
+    batch = sched.schedule(0.0)
+    assert isinstance(batch, Prefill) and [j.id for j in batch.jobs] == [0, 1]
