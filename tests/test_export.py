@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from export.backends import load_inference
-from export.onnx_backend import BundleError, OnnxInference, load_onnx
+from export.onnx_backend import BundleError, OnnxInference, io_names, load_onnx, read_bundle
 from export.onnx_export import int8_from
 from locca import cli
 from model import checkpoint
@@ -337,3 +337,27 @@ def test_torch_backend_on_cuda_matches_cpu(exported):
     px = pixels(t.cfg, 2, seed=9)
     for a, b in zip(select_merge_story(gpu.inference, px), select_merge_story(t, px), strict=True):
         close(a, b, 1e-3)
+
+
+def test_profile_graphs_reports_every_op_and_the_attention_it_times(exported, capsys):
+    """benchmarks/profile_graphs.py on the exported bundle: per-op kernel times that add up to the per-node ones,
+    and a memory test whose graph is the decoder's attention (checked against numpy)."""
+    from benchmarks import profile_graphs as pg
+
+    d = exported[2] / "onnx"
+    cfg, rng = read_bundle(d).cfg, np.random.default_rng(0)
+    feeds = pg.decoder_feeds(cfg, 2, 5, rng)
+    prof = pg.op_profile(d / "decoder.onnx", feeds, io_names(cfg.dec_depth)["decoder_out"], runs=3, threads=1)
+    assert {"MatMul", "Softmax", "LayerNormalization"} <= set(prof["ops"]) and prof["run_us"] > 0
+    assert sum(prof["ops"].values()) == pytest.approx(sum(prof["nodes"].values()))
+    H, Dh, N = cfg.dec_heads, cfg.dec_width // cfg.dec_heads, cfg.num_patches
+    q, k, v = (rng.standard_normal((2, H, t, Dh)).astype(np.float32) for t in (1, N, N))
+    out = ort.InferenceSession(pg.attention_graph(2, H, N, Dh), providers=["CPUExecutionProvider"]).run(None, {"q": q, "k": k, "v": v})[0]
+    s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(Dh)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    np.testing.assert_allclose(out, p / p.sum(-1, keepdims=True) @ v, rtol=1e-4, atol=1e-5)
+    row = pg.attention_memory(cfg, 2, runs=5, threads=1, rng=rng)
+    assert row["kv_mb"] == pytest.approx(2 * 2 * H * N * Dh * 4 / 1e6) and row["hot_us"] > 0 and row["cold_us"] > 0
+    pg.main(["--bundle", str(d), "--batches", "1", "--runs", "2", "--top", "3"])
+    printed = capsys.readouterr().out
+    assert "encoder, batch 1" in printed and "decoder, batch 1" in printed and "rotating" in printed

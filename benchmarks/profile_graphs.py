@@ -1,0 +1,146 @@
+"""Where the time of an exported bundle goes, op by op: ONNX Runtime's profiler on the encoder and on one decode
+step, and how much of a decode step's attention is memory.
+
+    python benchmarks/profile_graphs.py                          # the default bundle, batches 1 and 32
+    python benchmarks/profile_graphs.py --batches 8 --position 30 --bundle models/locca-tiny-shapes/onnx
+
+For each batch size it prints, for the encoder and for one decoder call of one token (at `--position`, every
+cache at its full length), the kernel time per op type (mean per run; the profiler's own overhead inflates small
+kernels, so read shares, not absolute times), the run time without the profiler, and the largest nodes. Then
+`--attention` (on by default): one layer's cross-attention (scores, softmax, values) at each batch, run as a tiny
+graph of the decoder's own ops, once on inputs that stay in cache and once rotating through 8 input sets that
+do not: the ratio is how much of its time is waiting for memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from export.onnx_backend import io_names, read_bundle, session_options  # noqa: E402
+
+
+def timed(run, n: int) -> float:
+    """Median seconds of `n` calls, after 3 untimed ones."""
+    for _ in range(3):
+        run()
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        run()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def op_profile(path: Path, feeds: dict, outputs: list[str], runs: int, threads: int) -> dict:
+    """Kernel time per op type and per node (microseconds per run) from ONNX Runtime's profiler, and the median
+    run time without it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(threads)
+        so.enable_profiling, so.profile_file_prefix = True, f"{tmp}/prof"
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            sess.run(outputs, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    by_op, by_node, shapes = collections.Counter(), collections.Counter(), {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            node = e["name"].removesuffix("_kernel_time")
+            by_op[e["args"]["op_name"]] += e["dur"]
+            by_node[node, e["args"]["op_name"]] += e["dur"]
+            shapes[node] = [next(iter(s.values())) for s in e["args"].get("input_type_shape", [])]
+    plain = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    return {"ops": {k: v / runs for k, v in by_op.items()}, "nodes": {k: v / runs for k, v in by_node.items()},
+            "shapes": shapes, "run_us": 1e6 * timed(lambda: plain.run(outputs, feeds), runs)}
+
+
+def decoder_feeds(cfg, batch: int, position: int, rng) -> dict:
+    H, Dh, S, N = cfg.dec_heads, cfg.dec_width // cfg.dec_heads, cfg.max_seq_len, cfg.num_patches
+    feeds = {"tokens": np.ones((batch, 1), np.int64), "positions": np.full((batch, 1), position, np.int64)}
+    for name in io_names(cfg.dec_depth)["decoder_in"][2:]:
+        feeds[name] = rng.standard_normal((batch, H, S if name.startswith("past") else N, Dh)).astype(np.float32)
+    return feeds
+
+
+def print_profile(title: str, prof: dict, top: int) -> None:
+    total = sum(prof["ops"].values())
+    print(f"\n{title}: {prof['run_us'] / 1e3:.3f} ms a run without the profiler; kernel time under it, per op type:")
+    for op, us in sorted(prof["ops"].items(), key=lambda kv: -kv[1]):
+        if us >= 0.01 * total:
+            print(f"   {op:<26}{us / 1e3:>9.3f} ms {100 * us / total:>5.1f}%")
+    print(f"   largest {top} nodes:")
+    for (node, op), us in sorted(prof["nodes"].items(), key=lambda kv: -kv[1])[:top]:
+        print(f"   {us / 1e3:>9.3f} ms  {op:<20} {' x '.join(str(s) for s in prof['shapes'][node])}")
+
+
+def attention_graph(batch: int, heads: int, keys: int, dh: int) -> bytes:
+    """The decoder's cross-attention for one token as export/onnx_export.attention writes it."""
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "kt"], ["s0"]), helper.make_node("Mul", ["s0", "scale"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["o"])]
+    ins = [helper.make_tensor_value_info(n, f, [batch, heads, t, dh]) for n, t in (("q", 1), ("k", keys), ("v", keys))]
+    graph = helper.make_graph(nodes, "cross_attention", ins, [helper.make_tensor_value_info("o", f, None)],
+                              [helper.make_tensor("scale", f, [], [dh ** -0.5])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10).SerializeToString()
+
+
+def attention_memory(cfg, batch: int, runs: int, threads: int, rng) -> dict:
+    """Median microseconds of one layer's cross-attention on one input set (it stays in cache) and on 8 taken in
+    turn (24 MB at batch 32: they do not)."""
+    H, Dh, N = cfg.dec_heads, cfg.dec_width // cfg.dec_heads, cfg.num_patches
+    sess = ort.InferenceSession(attention_graph(batch, H, N, Dh), session_options(threads),
+                                providers=["CPUExecutionProvider"])
+    sets = [{"q": rng.standard_normal((batch, H, 1, Dh)).astype(np.float32),
+             "k": rng.standard_normal((batch, H, N, Dh)).astype(np.float32),
+             "v": rng.standard_normal((batch, H, N, Dh)).astype(np.float32)} for _ in range(8)]
+    turn = iter(range(1 << 62))
+    hot = timed(lambda: sess.run(None, sets[0]), runs)
+    cold = timed(lambda: sess.run(None, sets[next(turn) % 8]), runs)
+    return {"batch": batch, "kv_mb": 2 * batch * H * N * Dh * 4 / 1e6, "hot_us": 1e6 * hot, "cold_us": 1e6 * cold}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", default="models/locca-tiny-shapes/onnx", help="an exported fp32 bundle (locca export)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
+    p.add_argument("--position", type=int, default=16, help="position of the decoded token (default 16)")
+    p.add_argument("--runs", type=int, default=50, help="profiled runs per graph and batch (default 50)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1, as locca bench)")
+    p.add_argument("--top", type=int, default=8, help="largest nodes listed (default 8)")
+    p.add_argument("--no-attention", dest="attention", action="store_false", help="skip the memory test")
+    args = p.parse_args(argv)
+    bundle = read_bundle(args.bundle)
+    cfg, rng, names = bundle.cfg, np.random.default_rng(0), io_names(bundle.cfg.dec_depth)
+    for b in args.batches:
+        pixels = rng.standard_normal((b, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
+        print_profile(f"encoder, batch {b}", op_profile(bundle.dir / "encoder.onnx", {"pixels": pixels},
+                                                        names["encoder_out"][1:], args.runs, args.threads), args.top)
+        feeds = decoder_feeds(cfg, b, args.position, rng)
+        print_profile(f"decoder, batch {b}, one token at position {args.position}",
+                      op_profile(bundle.dir / "decoder.onnx", feeds, names["decoder_out"], args.runs, args.threads),
+                      args.top)
+    if args.attention:
+        print("\none layer's cross-attention for one token: inputs in cache vs 8 rotating input sets")
+        print(f"   {'batch':>5} {'K+V MB':>8} {'in cache us':>12} {'rotating us':>12} {'ratio':>6}")
+        for r in (attention_memory(cfg, b, max(args.runs, 100), args.threads, rng) for b in args.batches):
+            print(f"   {r['batch']:>5} {r['kv_mb']:>8.2f} {r['hot_us']:>12.1f} {r['cold_us']:>12.1f}"
+                  f" {r['cold_us'] / r['hot_us']:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
