@@ -55,7 +55,7 @@ async def serve(settings: Settings) -> int:
         fatal.append(message)
         stop.set()
 
-    pool = WorkerPool(specs, settings.retry_after_s, on_fatal)
+    pool = WorkerPool(specs, settings.retry_after_s, on_fatal, stall_timeout=settings.worker_stall_timeout_s)
     engine = Engine(settings, pool, bundle.model_name(settings.model))
     rest = _Uvicorn(uvicorn.Config(build_app(engine, settings), host=settings.host, port=settings.port,
                                    log_config=None, access_log=False, lifespan="off",

@@ -3,7 +3,9 @@
 Each worker gets two one-way pipes. A sender thread writes to it (a request's pixels may not fit in a pipe
 buffer while the worker is busy in a model call, and the event loop must never block on that) and a reader
 thread hands its messages to the loop. The loop watches each process's sentinel: when a worker dies, every
-request it held fails at once with Unavailable (503 / UNAVAILABLE) and a new worker is started.
+request it held fails at once with Unavailable (503 / UNAVAILABLE) and a new worker is started. A worker that
+holds requests reports progress (stats) several times a second; one that has sent nothing for `stall_timeout`
+seconds while holding requests (stopped, deadlocked in a native call, swapping) is killed, and so restarted.
 A model that cannot be loaded is fatal at start, not a restart loop: a worker that fails to load it (or dies
 MAX_START_DEATHS times) before any worker was ever ready calls `on_fatal`, and the server exits saying why.
 """
@@ -43,6 +45,7 @@ class WorkerHandle:
         self.slot, self.loop, self.on_message, self.on_exit = slot, loop, on_message, on_exit
         self.jobs: dict[int, asyncio.Future] = {}
         self.ready, self.info, self.started = False, None, time.monotonic()
+        self.heard = self.started  # when the worker last sent anything, or was given work while idle
         self._sendq: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._send_loop, daemon=True, name=f"locca-send-{slot}").start()
         threading.Thread(target=self._read_loop, daemon=True, name=f"locca-read-{slot}").start()
@@ -74,8 +77,8 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, specs: list[WorkerSpec], retry_after: int = 1, on_fatal=None):
-        self.specs, self.retry_after = specs, retry_after
+    def __init__(self, specs: list[WorkerSpec], retry_after: int = 1, on_fatal=None, stall_timeout: float = 60.0):
+        self.specs, self.retry_after, self.stall_timeout = specs, retry_after, stall_timeout
         self.on_fatal = on_fatal             # (message) -> None: the model cannot be served at all
         self.handles: list[WorkerHandle | None] = [None] * len(specs)
         self.failures = [0] * len(specs)     # consecutive deaths before becoming ready (crash loops back off)
@@ -87,6 +90,20 @@ class WorkerPool:
     def start(self) -> None:
         for slot in range(len(self.specs)):
             self._spawn(slot)
+        self._watch()
+
+    def _watch(self) -> None:
+        """Every second: kill a ready worker that holds requests and has been silent for `stall_timeout`."""
+        if self.closing:
+            return
+        now = time.monotonic()
+        for h in self.handles:
+            if h is not None and h.ready and h.jobs and now - h.heard > self.stall_timeout and h.process.is_alive():
+                log.error("worker holds requests and has sent nothing; killing it", extra={
+                    "slot": h.slot, "pid": h.process.pid, "silent_s": round(now - h.heard, 1), "requests": len(h.jobs)})
+                metrics.WORKER_STALLS.inc()
+                h.process.kill()  # the sentinel then fails its requests with 503 and restarts the slot
+        asyncio.get_running_loop().call_later(1.0, self._watch)
 
     def _spawn(self, slot: int) -> None:
         if self.closing:
@@ -107,6 +124,7 @@ class WorkerPool:
     def _on_message(self, h: WorkerHandle, msg: tuple) -> None:
         if self.handles[h.slot] is not h:
             return  # from a worker already replaced
+        h.heard = time.monotonic()
         kind = msg[0]
         if kind == "ready":
             h.ready, h.info, self.failures[h.slot] = True, msg[1], 0
@@ -168,6 +186,8 @@ class WorkerPool:
         if not ready:
             raise Unavailable("no model worker is ready", retry_after=self.retry_after)
         h = min(ready, key=lambda w: len(w.jobs))
+        if not h.jobs:
+            h.heard = time.monotonic()  # an idle worker is quiet: its silence counts from now
         job_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         h.jobs[job_id] = fut

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
 
     # --- operations ---------------------------------------------------------------------------------
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long in-flight requests may finish")
+    worker_stall_timeout_s: float = Field(60.0, gt=0, description=(
+        "a worker that holds requests and has sent nothing for this long (a busy worker reports 4 times a "
+        "second) is taken as frozen: it is killed, its requests get 503 / UNAVAILABLE and a new one starts"))
     keep_alive_s: int = Field(75, ge=1, description=(
         "how long an idle REST connection is kept open; longer than any client's or proxy's idle timeout (httpx "
         "5 s, nginx 60-75 s, cloud load balancers 60 s), so that the server never closes a connection just as a "

@@ -1,10 +1,12 @@
 """Reliability against a real server of small capacity (4 requests held at most) with API keys on: floods far
 over capacity get only 200s and 429s (with Retry-After), accepted requests keep a bounded p99 and memory stays
 flat; a worker killed mid-batch under a flood is replaced with 503s (never a hang) for what it held; a hung
-worker costs its requests their deadline (504), not a hang; SIGTERM mid-flood drains. Then API keys, a
+worker costs its requests their deadline (504), not a hang, and one frozen while holding requests longer than
+worker_stall_timeout_s is killed and replaced (503); SIGTERM mid-flood drains. Then API keys, a
 missing or corrupt model failing at start with a clear message, and checkpoints that never unpickle."""
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -31,6 +33,7 @@ pb, pb_grpc = protos.load()
 ROOT = Path(__file__).resolve().parent.parent
 QUEUE = 4
 KEY = "test-key-0123456789abcdef"
+STALL_S = 4.0  # worker_stall_timeout_s of the module's server
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -45,6 +48,7 @@ def model_path(tmp_path_factory, tiny_model, tok):
 def server(model_path, tmp_path_factory):
     s = launch.start(tmp_path_factory.mktemp("log") / "serve.log", model=model_path, backend="torch", threads=1,
                      max_queue=QUEUE, max_batch_size=QUEUE, max_rows=32, retry_after_s=1, drain_timeout_s=60,
+                     worker_stall_timeout_s=STALL_S,
                      api_keys=f"another-key-abcdefghijklmnop,{KEY}")
     try:
         s.wait("/readyz")
@@ -200,6 +204,28 @@ def test_a_hung_worker_costs_its_requests_their_deadline_not_a_hang(server, imag
         assert e.value.status == "DEADLINE_EXCEEDED"
     finally:
         os.kill(pid, signal.SIGCONT)
+    with LoccaClient(server.url, retries=0, api_key=KEY) as c:
+        assert c.caption(images[0], max_new_tokens=6).caption
+
+
+def test_a_worker_frozen_while_holding_requests_is_killed_and_replaced(server, images):
+    (pid,) = server.worker_pids()
+    restarts, stalls = server.metric("locca_worker_restarts_total"), server.metric("locca_worker_stalls_total")
+    os.kill(pid, signal.SIGSTOP)  # frozen: no progress and no messages, but alive
+    try:
+        t0 = time.perf_counter()
+        r = httpx.post(server.url + "/v1/caption", files={"image": images[0]}, timeout=60,
+                       headers={**AUTH, "X-Request-Timeout": "30"})
+        waited = time.perf_counter() - t0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable", r.text
+    assert STALL_S - 0.5 <= waited < STALL_S + 5, "killed after the stall timeout, long before the deadline"
+    server.wait("/readyz", timeout=60)
+    assert server.worker_pids() != [pid]
+    assert server.metric("locca_worker_stalls_total") == stalls + 1
+    assert server.metric("locca_worker_restarts_total") == restarts + 1
     with LoccaClient(server.url, retries=0, api_key=KEY) as c:
         assert c.caption(images[0], max_new_tokens=6).caption
 
