@@ -7,9 +7,12 @@ step, and how much of a decode step's attention is memory.
 For each batch size it prints, for the encoder and for one decoder call of one token (at `--position`, every
 cache at its full length), the kernel time per op type (mean per run; the profiler's own overhead inflates small
 kernels, so read shares, not absolute times), the run time without the profiler, and the largest nodes. Then
-`--attention` (on by default): one layer's cross-attention (scores, softmax, values) at each batch, run as a tiny
-graph of the decoder's own ops, once on inputs that stay in cache and once rotating through 8 input sets that
-do not: the ratio is how much of its time is waiting for memory.
+two tests (skip them with --no-tests), each a tiny graph run at every batch size:
+- one layer's cross-attention (scores, softmax, values) as the decoder writes it, once on inputs that stay in
+  cache and once rotating through 8 input sets that do not: the ratio is how much of it waits for memory;
+- 12 weight MatMuls in a chain (192 x 768 and back, the decoder MLP's shapes), with 12 distinct weights
+  (7.1 MB, they do not stay in cache) and with 2 shared ones (they do): the machine's matrix rate at that many
+  rows, and whether reading the weights is what bounds it.
 """
 
 from __future__ import annotations
@@ -114,6 +117,34 @@ def attention_memory(cfg, batch: int, runs: int, threads: int, rng) -> dict:
     return {"batch": batch, "kv_mb": 2 * batch * H * N * Dh * 4 / 1e6, "hot_us": 1e6 * hot, "cold_us": 1e6 * cold}
 
 
+def weight_chain(rows: int, distinct: bool, n: int = 12, width: int = 192, hidden: int = 768) -> bytes:
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    rng, inits, nodes, prev = np.random.default_rng(0), [], [], "x"
+    for i in range(n):
+        name = f"w{i if distinct else i % 2}"
+        if distinct or i < 2:
+            shape = (width, hidden) if i % 2 == 0 else (hidden, width)
+            inits.append(numpy_helper.from_array((0.05 * rng.standard_normal(shape)).astype(np.float32), name))
+        nodes.append(helper.make_node("MatMul", [prev, name], [f"y{i}"]))
+        prev = f"y{i}"
+    graph = helper.make_graph(nodes, "weights", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, width])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10).SerializeToString()
+
+
+def weight_rate(rows: int, runs: int, threads: int, n: int = 12) -> dict:
+    """GFLOP/s of `weight_chain` at `rows` rows, weights out of cache (distinct) and in cache (shared)."""
+    x = np.random.default_rng(1).standard_normal((rows, 192)).astype(np.float32)
+    flops = n * 2 * rows * 192 * 768
+    out = {"rows": rows}
+    for distinct in (True, False):
+        sess = ort.InferenceSession(weight_chain(rows, distinct, n), session_options(threads),
+                                    providers=["CPUExecutionProvider"])
+        out["distinct" if distinct else "shared"] = flops / timed(lambda s=sess: s.run(None, {"x": x}), runs) / 1e9
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", default="models/locca-tiny-shapes/onnx", help="an exported fp32 bundle (locca export)")
@@ -122,7 +153,7 @@ def main(argv=None) -> None:
     p.add_argument("--runs", type=int, default=50, help="profiled runs per graph and batch (default 50)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1, as locca bench)")
     p.add_argument("--top", type=int, default=8, help="largest nodes listed (default 8)")
-    p.add_argument("--no-attention", dest="attention", action="store_false", help="skip the memory test")
+    p.add_argument("--no-tests", dest="tests", action="store_false", help="skip the attention and MatMul tests")
     args = p.parse_args(argv)
     bundle = read_bundle(args.bundle)
     cfg, rng, names = bundle.cfg, np.random.default_rng(0), io_names(bundle.cfg.dec_depth)
@@ -134,12 +165,16 @@ def main(argv=None) -> None:
         print_profile(f"decoder, batch {b}, one token at position {args.position}",
                       op_profile(bundle.dir / "decoder.onnx", feeds, names["decoder_out"], args.runs, args.threads),
                       args.top)
-    if args.attention:
+    if args.tests:
         print("\none layer's cross-attention for one token: inputs in cache vs 8 rotating input sets")
         print(f"   {'batch':>5} {'K+V MB':>8} {'in cache us':>12} {'rotating us':>12} {'ratio':>6}")
         for r in (attention_memory(cfg, b, max(args.runs, 100), args.threads, rng) for b in args.batches):
             print(f"   {r['batch']:>5} {r['kv_mb']:>8.2f} {r['hot_us']:>12.1f} {r['cold_us']:>12.1f}"
                   f" {r['cold_us'] / r['hot_us']:>6.2f}")
+        print("\n12 weight MatMuls (192 x 768, 768 x 192) in a chain: GFLOP/s, weights out of cache vs in cache")
+        for r in (weight_rate(b, max(args.runs, 100), args.threads) for b in args.batches):
+            print(f"   rows {r['rows']:>4}: {r['distinct']:6.1f} (7.1 MB of distinct weights)   "
+                  f"{r['shared']:6.1f} (2 shared weights, 1.2 MB)")
 
 
 if __name__ == "__main__":
