@@ -76,20 +76,36 @@ def _explain(e: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
 
 
+class Buffers:
+    """The bytes of request bodies (REST) and messages (gRPC) held at once, under one budget shared by both
+    fronts (one event loop: no lock)."""
+
+    def __init__(self, budget: int):
+        self.budget, self.held = budget, 0
+
+    def take(self, n: int) -> bool:
+        if self.held + n > self.budget:
+            return False
+        self.held += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.held -= n
+
+
 class BodyGuard:
     """ASGI middleware bounding what request bodies cost while they arrive and are held:
 
     * time: a body must have arrived `seconds` after its headers, else 408 (a client that trickles its body, or
       declares more than it sends, would otherwise hold a connection and its buffer as long as it likes);
-    * memory: the bodies of all requests in progress together stay under `budget` bytes (each counted up to
-      `limit`, max_body_bytes: read_body keeps no more). A body that would go over is read to its end and
+    * memory: the bodies of all requests in progress, with the gRPC messages being served, together stay under
+      the budget of `buffers` (each body counted up to `limit`, max_body_bytes: read_body keeps no more). A body that would go over is read to its end and
       dropped, and answered 429 with Retry-After, as a full queue is: a flood of large uploads costs
       bandwidth, not memory, before admission control (engine.py) ever sees it.
     Only the body is timed and counted, not the answer."""
 
-    def __init__(self, app, seconds: float, budget: int, limit: int, retry_after: int = 1):
-        self.app, self.seconds, self.budget, self.limit, self.retry_after = app, seconds, budget, limit, retry_after
-        self.held = 0  # bytes of the bodies of requests in progress (one event loop: no lock)
+    def __init__(self, app, seconds: float, buffers: Buffers, limit: int, retry_after: int = 1):
+        self.app, self.seconds, self.buffers, self.limit, self.retry_after = app, seconds, buffers, limit, retry_after
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -113,18 +129,18 @@ class BodyGuard:
                 return await receive()
             message = await next_message()
             size = min(len(message.get("body", b"")), self.limit - mine)
-            if self.held + size > self.budget:
+            if not self.buffers.take(size):
                 while not complete:  # drop the rest, so that the client reads its 429
                     await next_message()
                 raise QueueFull("the server is receiving too much at once; retry later",
                                 retry_after=self.retry_after)
-            self.held, mine = self.held + size, mine + size
+            mine += size
             return message
 
         try:
             return await self.app(scope, receive_guarded, send)
         finally:
-            self.held -= mine
+            self.buffers.give(mine)
 
 
 def client_timeout(request: Request) -> float | None:

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from model.config import SIZES
 
 from . import images, metrics
+from .body import Buffers
 from .errors import BadExpression, DeadlineExceeded, QueueFull, Unavailable
 from .jobs import Task
 from .pool import WorkerPool
@@ -31,6 +32,7 @@ class Engine:
         self.settings, self.pool, self.model_name = settings, pool, model_name
         self.limits = images.Limits(settings.max_image_bytes, settings.max_image_pixels)
         self.executor = ThreadPoolExecutor(settings.image_threads, thread_name_prefix="locca-image")
+        self.buffers = Buffers(settings.max_buffered_bytes)  # REST bodies and gRPC messages held at once
         self.in_flight, self.draining = 0, False
         self._idle = asyncio.Event()
         self._idle.set()

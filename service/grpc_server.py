@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from . import auth, logs, metrics, protos
 from .engine import Engine
-from .errors import InvalidRequest, ServiceError
+from .errors import InvalidRequest, QueueFull, ServiceError
 from .schemas import CaptionParams, GroundParams, ReferParams
 from .settings import Settings
 
@@ -104,11 +104,16 @@ class LoccaServicer(pb_grpc.LocCaServicer):
         given = dict(context.invocation_metadata() or ()).get("x-request-id")
         rid = logs.new_request_id(given)
         token = logs.request_id.set(rid)
-        status, t0 = "OK", time.perf_counter()
+        status, t0, held = "OK", time.perf_counter(), 0
         try:
             await context.send_initial_metadata((("x-request-id", rid),))
             if isinstance(request, Malformed):
                 raise InvalidRequest(f"the request is not a valid {request.message}: {request.reason}")
+            size = request.ByteSize()  # held until answered, under the budget REST bodies share
+            if not self.engine.buffers.take(size):
+                raise QueueFull("the server is receiving too much at once; retry later",
+                                retry_after=self.engine.settings.retry_after_s)
+            held = size
             return await work(context.time_remaining())
         except ServiceError as e:
             status = e.grpc_code.name
@@ -123,6 +128,7 @@ class LoccaServicer(pb_grpc.LocCaServicer):
             log.exception("request failed")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         finally:
+            self.engine.buffers.give(held)
             seconds = time.perf_counter() - t0
             endpoint = f"grpc:{method}"
             metrics.REQUESTS.labels(endpoint, status).inc()

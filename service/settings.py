@@ -62,8 +62,9 @@ class Settings(BaseSettings):
         "longest a client may take to send a REST request's body; slower is 408 (slow or stalled uploads "
         "must not hold connections and buffers)"))
     max_buffered_bytes: int = Field(256 << 20, ge=1024, description=(
-        "most bytes of REST bodies held at once, across all requests in progress; a body that would go over is "
-        "read, dropped and answered 429 (a flood of large uploads must not exhaust memory)"))
+        "most bytes of REST bodies and gRPC messages held at once, across all requests in progress; a body "
+        "that would go over is read, dropped and answered 429, a gRPC message RESOURCE_EXHAUSTED (a flood of "
+        "large uploads must not exhaust memory)"))
     image_threads: int = Field(4, ge=1, description="threads decoding and preprocessing images")
 
     # --- access -------------------------------------------------------------------------------------

@@ -368,6 +368,39 @@ def test_bodies_held_at_once_stay_under_the_budget(server):
     assert post(server, "/v1/caption", files={"image": IMAGE}).status_code == 200  # the budget is free again
 
 
+def test_grpc_messages_share_the_budget_with_rest_bodies(server):
+    """Two 1.9 MB REST bodies in progress hold 3.8 of the 4 MB budget: a 1 MB gRPC message is refused with
+    RESOURCE_EXHAUSTED and retry-after; once they are gone the same message is admitted (and, being no image,
+    refused for that)."""
+    body = b'{"image": "' + b"A" * 1_900_000 + b'"}'
+    head = (b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body))
+    message = pb.CaptionRequest(image=b"\x00" * 1_000_000)
+    with grpc.insecure_channel(server.grpc_target) as ch:
+        stub = pb_grpc.LocCaStub(ch)
+        conns = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+        try:
+            for c in conns:
+                c.sendall(head + body[:-100_000])
+            time.sleep(0.5)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Caption(message, timeout=10)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+            assert "too much at once" in e.value.details()
+            assert dict(e.value.trailing_metadata())["retry-after"] == "1"
+        finally:
+            for c in conns:
+                c.close()
+        t0 = time.monotonic()  # the server notices the closed connections and frees their bytes
+        while True:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Caption(message, timeout=10)
+            if e.value.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() - t0 > 5:
+                break
+            time.sleep(0.1)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+
+
 def test_raw_http_garbage_gets_4xx(server):
     for payload in (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # a TLS hello
                     b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
