@@ -10,9 +10,9 @@ kernels, so read shares, not absolute times), the run time without the profiler,
 two tests (skip them with --no-tests), each a tiny graph run at every batch size:
 - one layer's cross-attention (scores, softmax, values) as the decoder writes it, once on inputs that stay in
   cache and once rotating through 8 input sets that do not: the ratio is how much of it waits for memory;
-- 12 weight MatMuls in a chain (192 x 768 and back, the decoder MLP's shapes), with 12 distinct weights
-  (7.1 MB, they do not stay in cache) and with 2 shared ones (they do): the machine's matrix rate at that many
-  rows, and whether reading the weights is what bounds it.
+- 24 weight MatMuls in a chain (256 x 256), with 24 distinct weights (6.3 MB: they come from L3 or memory)
+  and with one shared by all (262 kB: it stays in L2): MLAS's matrix rate at that many rows, and how much of
+  it reading the weights costs.
 """
 
 from __future__ import annotations
@@ -117,15 +117,15 @@ def attention_memory(cfg, batch: int, runs: int, threads: int, rng) -> dict:
     return {"batch": batch, "kv_mb": 2 * batch * H * N * Dh * 4 / 1e6, "hot_us": 1e6 * hot, "cold_us": 1e6 * cold}
 
 
-def weight_chain(rows: int, distinct: bool, n: int = 12, width: int = 192, hidden: int = 768) -> bytes:
+def weight_chain(rows: int, distinct: bool, n: int = 24, width: int = 256) -> bytes:
     from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
 
     rng, inits, nodes, prev = np.random.default_rng(0), [], [], "x"
     for i in range(n):
-        name = f"w{i if distinct else i % 2}"
-        if distinct or i < 2:
-            shape = (width, hidden) if i % 2 == 0 else (hidden, width)
-            inits.append(numpy_helper.from_array((0.05 * rng.standard_normal(shape)).astype(np.float32), name))
+        name = f"w{i if distinct else 0}"
+        if distinct or i == 0:
+            w = (0.05 * rng.standard_normal((width, width))).astype(np.float32)
+            inits.append(numpy_helper.from_array(w, name))
         nodes.append(helper.make_node("MatMul", [prev, name], [f"y{i}"]))
         prev = f"y{i}"
     graph = helper.make_graph(nodes, "weights", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, width])],
@@ -133,13 +133,13 @@ def weight_chain(rows: int, distinct: bool, n: int = 12, width: int = 192, hidde
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10).SerializeToString()
 
 
-def weight_rate(rows: int, runs: int, threads: int, n: int = 12) -> dict:
-    """GFLOP/s of `weight_chain` at `rows` rows, weights out of cache (distinct) and in cache (shared)."""
-    x = np.random.default_rng(1).standard_normal((rows, 192)).astype(np.float32)
-    flops = n * 2 * rows * 192 * 768
+def weight_rate(rows: int, runs: int, threads: int, n: int = 24, width: int = 256) -> dict:
+    """GFLOP/s of `weight_chain` at `rows` rows, weights from L3 or memory (distinct) and from L2 (shared)."""
+    x = np.random.default_rng(1).standard_normal((rows, width)).astype(np.float32)
+    flops = n * 2 * rows * width * width
     out = {"rows": rows}
     for distinct in (True, False):
-        sess = ort.InferenceSession(weight_chain(rows, distinct, n), session_options(threads),
+        sess = ort.InferenceSession(weight_chain(rows, distinct, n, width), session_options(threads),
                                     providers=["CPUExecutionProvider"])
         out["distinct" if distinct else "shared"] = flops / timed(lambda s=sess: s.run(None, {"x": x}), runs) / 1e9
     return out
@@ -171,10 +171,9 @@ def main(argv=None) -> None:
         for r in (attention_memory(cfg, b, max(args.runs, 100), args.threads, rng) for b in args.batches):
             print(f"   {r['batch']:>5} {r['kv_mb']:>8.2f} {r['hot_us']:>12.1f} {r['cold_us']:>12.1f}"
                   f" {r['cold_us'] / r['hot_us']:>6.2f}")
-        print("\n12 weight MatMuls (192 x 768, 768 x 192) in a chain: GFLOP/s, weights out of cache vs in cache")
+        print("\n24 weight MatMuls (256 x 256) in a chain: GFLOP/s with 24 distinct weights (6.3 MB) and with one")
         for r in (weight_rate(b, max(args.runs, 100), args.threads) for b in args.batches):
-            print(f"   rows {r['rows']:>4}: {r['distinct']:6.1f} (7.1 MB of distinct weights)   "
-                  f"{r['shared']:6.1f} (2 shared weights, 1.2 MB)")
+            print(f"   rows {r['rows']:>4}: {r['distinct']:6.1f} distinct (L3)   {r['shared']:6.1f} shared (L2)")
 
 
 if __name__ == "__main__":

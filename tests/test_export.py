@@ -358,10 +358,15 @@ def test_profile_graphs_reports_every_op_and_the_attention_it_times(exported, ca
     np.testing.assert_allclose(out, p / p.sum(-1, keepdims=True) @ v, rtol=1e-4, atol=1e-5)
     row = pg.attention_memory(cfg, 2, runs=5, threads=1, rng=rng)
     assert row["kv_mb"] == pytest.approx(2 * 2 * H * N * Dh * 4 / 1e6) and row["hot_us"] > 0 and row["cold_us"] > 0
-    x = rng.standard_normal((3, 192)).astype(np.float32)
-    for distinct in (True, False):  # the chain is what it says: 12 alternating 192 x 768 and 768 x 192 MatMuls
-        sess = ort.InferenceSession(pg.weight_chain(3, distinct), providers=["CPUExecutionProvider"])
-        assert sess.run(None, {"x": x})[0].shape == (3, 192) and sess.get_inputs()[0].shape == [3, 192]
+    import onnx
+
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    for distinct in (True, False):  # the chain is what it says: 24 MatMuls, 24 weights or one
+        model = onnx.load_from_string(pg.weight_chain(3, distinct))
+        assert [n.op_type for n in model.graph.node] == ["MatMul"] * 24
+        assert len(model.graph.initializer) == (24 if distinct else 1)
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert sess.run(None, {"x": x})[0].shape == (3, 256)
     rate = pg.weight_rate(3, runs=5, threads=1)
     assert rate["distinct"] > 0 and rate["shared"] > 0
     pg.main(["--bundle", str(d), "--batches", "1", "--runs", "2", "--top", "3"])
