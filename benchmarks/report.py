@@ -104,7 +104,9 @@ def table(res: dict) -> str:
                              for p in policies),
                   "   the long captions meanwhile: " + "; ".join(
                       f"{p} p50 {b[p]['caption_p50_ms']:.0f} ms, {b[p]['caption_n']} answered in {b['window_s']:.0f} s"
-                      for p in policies)]
+                      for p in policies),
+                  "   refers answered in that time (each one an encoder call too): " + "; ".join(
+                      f"{p} {b[p]['refer_n']}" for p in policies)]
     if "encoder" in res:
         lines += ["", "4. encoder model FLOPs utilisation (of the measured peak of its dtype), by batch"]
         for name in dict.fromkeys(r["name"] for r in res["encoder"]):
