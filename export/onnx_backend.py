@@ -4,9 +4,11 @@
     loaded.inference.encode(pixels) ...                     # as TorchInference
 
 Devices: "cpu", "cuda[:i]", "tensorrt[:i]" (the TensorRT EP, CUDA and CPU behind it for what it cannot take),
-or "auto": the first of those the installed onnxruntime offers. On CPU the caches are numpy arrays and a step
-is one `run` (IOBinding measured no faster there) and the step's new keys/values are written into the
-arrays in place: the cache is never copied. On a GPU they are OrtValues in device memory: a step binds them
+or "auto": the first of those the installed onnxruntime offers. On CPU the caches are numpy arrays. A bundle
+with decoder_cpu.onnx (export/cpu_decoder.py) steps through it: each cache array is bound (IOBinding) as both
+the past and the present of its layer, and the graph writes the new slots into it in place. Otherwise a step
+is one `run` of decoder.onnx and its new keys/values are written into the arrays in place. Either way the
+cache is never copied. On a GPU they are OrtValues in device memory: a step binds them
 as inputs and its new K/V as device outputs, and write / select / merge / start run tiny ScatterElements /
 Gather / Concat / ConstantOfShape graphs on the device, so a cache never crosses to the host; only tokens and
 logits do. (Those graphs write a copy: onnxruntime offers no in-place update of a device tensor.)
@@ -31,8 +33,9 @@ from model.tokenizer import LoccaTokenizer
 
 from .backends import Loaded
 
-FORMAT = "locca-onnx/2"  # 2: the decoder returns the new keys/values only (1: whole updated caches)
-FILES = ("encoder.onnx", "decoder.onnx", "tokenizer.json", "config.json")
+FORMAT = "locca-onnx/3"  # 3: + decoder_cpu.onnx in fp32 and int8 bundles; 2: the decoder returns the new keys/values
+FILES = ("encoder.onnx", "decoder.onnx", "tokenizer.json", "config.json")  # only (1: whole updated caches)
+CPU_DECODER = "decoder_cpu.onnx"  # export/cpu_decoder.py: ONNX Runtime's fused CPU operators, cache written in place
 DEVICES = ("cpu", "cuda", "tensorrt")
 
 
@@ -140,6 +143,7 @@ class OrtState:
     cross_k: list  # L x (R, H, N, Dh): each row's image
     cross_v: list
     rows_buffer: list | None = None  # CPU: the arrays the tensors are leading-row views of, with spare rows
+    binding: tuple | None = None     # CPU graph: (the arrays' addresses and shapes, the IOBinding made for them)
 
     @property
     def rows(self) -> int:
@@ -163,7 +167,8 @@ class OnnxInference:
     """model/inference.py's interface on ONNX Runtime.
 
     io_binding: keep caches as OrtValues and bind them (default: on GPUs only; on CPU it exists so that the
-    GPU code path is tested without a GPU). trt_options: TensorRT EP options per graph, {"encoder": {...},
+    GPU code path is tested without a GPU). cpu_graph: step through decoder_cpu.onnx (default: on CPU when
+    the bundle has it; False: decoder.onnx, as on GPUs). trt_options: TensorRT EP options per graph, {"encoder": {...},
     "decoder": {...}} (default: export/trt_build.py's profiles, fp16 and engine cache for this bundle).
     """
 
@@ -171,7 +176,7 @@ class OnnxInference:
 
     def __init__(self, bundle: OnnxBundle | str | Path, device: str = "cpu", threads: int | None = None,
                  inter_threads: int | None = None, trt_options: dict | None = None,
-                 io_binding: bool | None = None):
+                 io_binding: bool | None = None, cpu_graph: bool | None = None):
         self.bundle = bundle if isinstance(bundle, OnnxBundle) else read_bundle(bundle)
         self.cfg: ModelConfig = self.bundle.cfg
         self.kind, self.index = resolve_device(device)
@@ -179,14 +184,29 @@ class OnnxInference:
             from .trt_build import trt_provider_options  # noqa: PLC0415
             trt_options = trt_provider_options(self.bundle)
         so = session_options(threads, inter_threads)
+        bind = self.kind != "cpu" if io_binding is None else io_binding
+        # CPU: the fused graph where the bundle has one (not when IOBinding of the GPU path is asked for: tests)
+        has = self.kind == "cpu" and not bind and CPU_DECODER in self.bundle.manifest["files"]
+        if cpu_graph and not has:
+            raise ValueError(f"{self.bundle.dir}: no {CPU_DECODER} for {self.device} (re-export the bundle)")
+        self.cpu_graph = has if cpu_graph is None else cpu_graph
         self.encoder, self.decoder = (
-            ort.InferenceSession(str(self.bundle.dir / f"{g}.onnx"), so,
+            ort.InferenceSession(str(self.bundle.dir / f), so,
                                  providers=providers_for(self.kind, self.index, (trt_options or {}).get(g)))
-            for g in ("encoder", "decoder"))
+            for g, f in (("encoder", "encoder.onnx"),
+                         ("decoder", CPU_DECODER if self.cpu_graph else "decoder.onnx")))
+        self._so, self._portable = so, None if self.cpu_graph else self.decoder
         self.names = io_names(self.cfg.dec_depth)
         self.dtype = np.float16 if "float16" in self.decoder.get_inputs()[2].type else np.float32
-        bind = self.kind != "cpu" if io_binding is None else io_binding
         self.mem = _Bound(self.kind, self.index, self.dtype) if bind else _Host(self.dtype)
+
+    @property
+    def portable(self) -> ort.InferenceSession:
+        """decoder.onnx: on CPU the fallback for the calls decoder_cpu.onnx cannot take (below)."""
+        if self._portable is None:
+            self._portable = ort.InferenceSession(str(self.bundle.dir / "decoder.onnx"), self._so,
+                                                  providers=["CPUExecutionProvider"])
+        return self._portable
 
     @property
     def device(self) -> str:
@@ -205,14 +225,51 @@ class OnnxInference:
                             *self.mem.take(cross.k + cross.v, np.asarray(images, dtype=np.int64))])
 
     def step(self, state: OrtState, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        # GroupQueryAttention takes several new tokens per row after a past only for one row; prompts (the
+        # only multi-token calls decoding makes) start at slot 0, so this fallback is for other callers
+        if self.cpu_graph and (positions.shape[1] == 1 or len(positions) == 1 or not positions[:, 0].any()):
+            return self._step_in_place(state, tokens, positions)
         feed = dict(zip(self.names["decoder_in"][2:], state.tensors(), strict=True))
         feed["tokens"] = np.asarray(tokens, dtype=np.int64)
-        feed["positions"] = np.asarray(positions, dtype=np.int64)
-        out = self.mem.run(self.decoder, feed, self.names["decoder_out"], host={"logits"})
+        feed["positions"] = positions
+        out = self.mem.run(self.portable, feed, self.names["decoder_out"], host={"logits"})
         L = self.cfg.dec_depth
         caches = self.mem.write([*state.cache_k, *state.cache_v], out[1:], feed["positions"])
         state.cache_k, state.cache_v = caches[:L], caches[L:]
         return self.mem.numpy(out[0])
+
+    def _step_in_place(self, state: OrtState, tokens: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """A step of decoder_cpu.onnx: every cache array is its layer's past and present (GroupQueryAttention
+        writes the new slots into it). The binding is kept while the state's arrays stay the same ones (greedy
+        steps with every row running), and made again after a select or merge replaced them."""
+        caches = [*state.cache_k, *state.cache_v]
+        if not all(c.flags.c_contiguous for c in caches):  # the graph writes through the arrays' memory
+            caches = [np.ascontiguousarray(c) for c in caches]
+            L = len(caches) // 2
+            state.cache_k, state.cache_v = caches[:L], caches[L:]
+        tensors = state.tensors()
+        key = tuple((x.__array_interface__["data"][0], x.shape, x.strides) for x in tensors)
+        if state.binding is None or state.binding[0] != key:
+            io = self.decoder.io_binding()
+            io.bind_output("logits", "cpu")  # first: the run's outputs come back in binding order
+            n = len(caches)
+            for name, out, x in zip(self.names["decoder_in"][2:2 + n], _present_names(n), caches, strict=True):
+                value = ort.OrtValue.ortvalue_from_numpy(x)  # the array's memory, not a copy
+                io.bind_ortvalue_input(name, value)
+                io.bind_ortvalue_output(out, value)
+            held = [np.ascontiguousarray(x) for x in tensors[n:]]  # kept alive with the binding
+            for name, x in zip(self.names["decoder_in"][2 + n:], held, strict=True):
+                io.bind_cpu_input(name, x)
+            state.binding = (key, io, held)
+        io = state.binding[1]
+        io.bind_output("logits", "cpu")  # again each step (it keeps its place): unallocated, so T may change
+        io.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
+        io.bind_cpu_input("positions", np.ascontiguousarray(positions, dtype=np.int64))
+        self.decoder.run_with_iobinding(io)
+        logits = io.get_outputs()[0]
+        assert logits.shape()[:2] == list(np.shape(tokens)), "the binding's first output is the logits"
+        return logits.numpy()
 
     def select(self, state: OrtState, rows: np.ndarray) -> None:
         idx = np.asarray(rows, dtype=np.int64)
@@ -330,6 +387,11 @@ class _Bound:
             self.graphs[op, n] = ort.InferenceSession(_row_graph(op, n, self.dtype), providers=self.providers)
         feed = {f"x{i}": x for i, x in enumerate(xs)} | extra
         return self.run(self.graphs[op, n], feed, [f"y{i}" for i in range(n)])
+
+
+def _present_names(n: int) -> list[str]:
+    L = n // 2
+    return [f"present_k_{i}" for i in range(L)] + [f"present_v_{i}" for i in range(L)]
 
 
 def _row_graph(op: str, n: int, dtype) -> bytes:

@@ -5,7 +5,8 @@
     locca export CHECKPOINT OUT_DIR --precision int8    # CPU: dynamic int8 quantization of the fp32 graphs
 
 The bundle: encoder.onnx, decoder.onnx, tokenizer.json, config.json (model + box config, checkpoint
-metadata) and manifest.json (sha256 of each file, checked at load). Graphs, with B, T and S dynamic
+metadata), in fp32 and int8 bundles decoder_cpu.onnx (the same step in ONNX Runtime's fused CPU operators,
+export/cpu_decoder.py, which the CPU backend prefers) and manifest.json (sha256 of each file, checked at load). Graphs, with B, T and S dynamic
 (the names are export/onnx_backend.io_names; letters as in model/model.py):
 
     encoder  pixels (B, 3, I, I) float32 -> visual (B, N, D), cross_k_l, cross_v_l (B, H, N, Dh) for each layer l
@@ -37,10 +38,11 @@ from torch import nn
 from model import checkpoint
 from model.model import LocCa
 
-from .onnx_backend import FILES, FORMAT, io_names, sha256
+from . import cpu_decoder
+from .onnx_backend import CPU_DECODER, FILES, FORMAT, io_names, sha256
 
 PRECISIONS = ("fp32", "fp16", "int8")
-GRAPHS = ("encoder.onnx", "decoder.onnx")
+GRAPHS = ("encoder.onnx", "decoder.onnx")  # and CPU_DECODER in fp32 and int8 bundles
 
 
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -134,12 +136,14 @@ def quantize_int8(src: Path, dst: Path) -> None:
     quantized per call. Only MatMul: the patch Conv, the embedding Gather and everything else stay fp32.
     Per tensor because it agreed with fp32 more often than per channel (97.9 % vs 91.0 % of answers on 100
     held-out scenes, export/README.md "int8")."""
+    from onnx import TensorProto  # noqa: PLC0415
     from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
 
     root = logging.getLogger()
     level, _ = root.level, root.setLevel(logging.ERROR)  # "consider pre-processing": the exporter already
     try:                                                  # folded constants, which is what it would add
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=False, op_types_to_quantize=["MatMul"])
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=False, op_types_to_quantize=["MatMul"],
+                         extra_options={"DefaultTensorType": TensorProto.FLOAT})  # for decoder_cpu's fused ops
     finally:
         root.setLevel(level)
 
@@ -155,10 +159,13 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, precision: str = "f
     if precision == "int8":
         with tempfile.TemporaryDirectory() as tmp:
             export_graphs(bundle.model, Path(tmp))
-            for g in GRAPHS:
+            cpu_decoder.write(bundle.model, Path(tmp) / CPU_DECODER)
+            for g in (*GRAPHS, CPU_DECODER):
                 quantize_int8(Path(tmp) / g, out / g)
     else:
         export_graphs(bundle.model, out, torch.float16 if precision == "fp16" else torch.float32)
+        if precision == "fp32":  # the CPU's graph (fp16 bundles are for GPUs)
+            cpu_decoder.write(bundle.model, out / CPU_DECODER)
     bundle.tok.save(out / "tokenizer.json")
     config = {"model_config": dataclasses.asdict(bundle.model.cfg), "box_config": dataclasses.asdict(bundle.box),
               "meta": bundle.meta}
@@ -178,7 +185,7 @@ def int8_from(fp32_dir: str | Path, out_dir: str | Path) -> Path:
         raise ValueError(f"{fp32_dir} is a {src.manifest['precision']} bundle; int8 is made from fp32")
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
-    for g in GRAPHS:
+    for g in (*GRAPHS, *([CPU_DECODER] if CPU_DECODER in src.manifest["files"] else [])):
         quantize_int8(src.dir / g, out / g)
     for f in ("tokenizer.json", "config.json"):
         shutil.copyfile(src.dir / f, out / f)
@@ -192,14 +199,14 @@ def write_manifest(out: Path, precision: str, source: dict) -> None:
     import onnx  # noqa: PLC0415
     import onnxruntime  # noqa: PLC0415
 
-    graphs = {}
-    for g in GRAPHS:
+    graphs, extra = {}, [CPU_DECODER] if (out / CPU_DECODER).is_file() else []
+    for g in (*GRAPHS, *extra):
         m = onnx.load(out / g, load_external_data=False)
         dims = lambda v: " x ".join(str(d.dim_param or d.dim_value) for d in v.type.tensor_type.shape.dim)  # noqa: E731
         graphs[g] = {"inputs": {v.name: dims(v) for v in m.graph.input},
                      "outputs": {v.name: dims(v) for v in m.graph.output},
                      "opset": max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))}
-    manifest = {"format": FORMAT, "precision": precision, "files": {f: sha256(out / f) for f in FILES},
+    manifest = {"format": FORMAT, "precision": precision, "files": {f: sha256(out / f) for f in (*FILES, *extra)},
                 "graphs": graphs, "source": source,
                 "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                              "onnxruntime": onnxruntime.__version__}}
@@ -210,7 +217,7 @@ def write_manifest(out: Path, precision: str, source: dict) -> None:
 
 def check(checkpoint_path: str | Path, out_dir: str | Path) -> dict:
     """Largest |ORT - PyTorch fp32| of the bundle's outputs on random inputs (prefill, mixed positions)."""
-    from .onnx_backend import OnnxInference  # noqa: PLC0415
+    from .onnx_backend import OnnxInference, OrtState  # noqa: PLC0415
 
     model = checkpoint.load(checkpoint_path).model.eval()
     inf = OnnxInference(out_dir, threads=1)
@@ -221,11 +228,25 @@ def check(checkpoint_path: str | Path, out_dir: str | Path) -> dict:
         ref = model.decode_layers(tokens, positions, caches[:L], caches[L:2 * L], caches[2 * L:3 * L], caches[3 * L:])
     cross = inf.encode(pixels.numpy())
     feed = dict(zip(io_names(L)["decoder_in"], [tokens.numpy(), positions.numpy(), *(c.numpy().astype(inf.dtype) for c in caches)], strict=True))
-    out = inf.decoder.run(None, feed)
+    out = inf.portable.run(None, feed)
     ref_cross = ref_cross[0::2] + ref_cross[1::2]
     err = lambda a, b: float(np.abs(np.asarray(a, np.float32) - b.float().numpy()).max())  # noqa: E731
-    return {"cross": max(err(a, b) for a, b in zip(cross.k + cross.v, ref_cross, strict=True)),
-            "logits": err(out[0], ref[0]), "cache": max(err(a, b) for a, b in zip(out[1:], ref[1] + ref[2], strict=True))}
+    result = {"cross": max(err(a, b) for a, b in zip(cross.k + cross.v, ref_cross, strict=True)),
+              "logits": err(out[0], ref[0]),
+              "cache": max(err(a, b) for a, b in zip(out[1:], ref[1] + ref[2], strict=True))}
+    if inf.cpu_graph:  # decoder_cpu.onnx through the backend's in-place step against decode_step's writes:
+        for name, T in (("cpu_prompt", tokens.shape[1]), ("cpu_step", 1)):  # a prompt from slot 0, one token
+            pos = torch.arange(T).expand(len(tokens), T) if T > 1 else positions[:, :1]
+            state = OrtState.of([c.numpy().copy() for c in caches])
+            got = inf.step(state, tokens[:, :T].numpy(), pos.numpy())
+            with torch.no_grad():
+                kc, vc = torch.stack(caches[:L]).clone(), torch.stack(caches[L:2 * L]).clone()
+                want = model.decode_step(tokens[:, :T], pos, kc, vc, torch.stack(caches[2 * L:3 * L]),
+                                         torch.stack(caches[3 * L:]))
+            result[f"{name}_logits"] = err(got, want)
+            result[f"{name}_cache"] = max(err(a, b) for a, b in zip(state.cache_k + state.cache_v, [*kc, *vc],
+                                                                   strict=True))
+    return result
 
 
 def add_arguments(p):
