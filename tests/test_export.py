@@ -8,6 +8,7 @@ and int8-accuracy tests skip). Both backends run on one thread: the suite shares
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -373,3 +374,40 @@ def test_profile_graphs_reports_every_op_and_the_attention_it_times(exported, ca
     pg.main(["--bundle", str(d), "--batches", "1", "--runs", "2", "--top", "3"])
     printed = capsys.readouterr().out
     assert all(s in printed for s in ("encoder, batch 1", "decoder, batch 1", "rotating", "rows    1"))
+
+
+def test_cpu_graph_is_the_cpu_default_and_writes_the_cache_in_place(exported, tmp_path):
+    """decoder_cpu.onnx: what a fresh bundle's CPU backend steps through; its cache arrays are bound as past and
+    present, so a step writes into them (the same arrays before and after) what decoder.onnx plus the
+    backend's writes would; the binding is reused while the arrays stay the same."""
+    import onnx
+
+    from export.onnx_backend import CPU_DECODER
+
+    _, o, d = exported
+    assert o.cpu_graph and CPU_DECODER in read_bundle(d / "onnx").manifest["files"]
+    ops = [n.op_type for n in onnx.load(d / "onnx" / CPU_DECODER).graph.node]
+    assert ops.count("GroupQueryAttention") == o.cfg.dec_depth and len(ops) < 60
+    portable = OnnxInference(d / "onnx", threads=1, cpu_graph=False)
+    px, rng = pixels(o.cfg, 2, seed=8), np.random.default_rng(8)
+    a, b = o.start(o.encode(px), np.array([0, 1])), portable.start(portable.encode(px), np.array([0, 1]))
+    arrays = [*a.cache_k, *a.cache_v]
+    calls = [(rng.integers(0, o.cfg.vocab_size, (2, 3)), np.tile(np.arange(3), (2, 1)))]
+    calls += [(rng.integers(0, o.cfg.vocab_size, (2, 1)), np.array([[3 + k], [3 + 2 * k]])) for k in range(3)]
+    keys = []
+    for tokens, positions in calls:
+        close(o.step(a, tokens, positions), portable.step(b, tokens, positions))
+        keys.append(a.binding[0])
+        assert all(x is y for x, y in zip(arrays, [*a.cache_k, *a.cache_v], strict=True)), "written in place"
+        for x, y in zip([*a.cache_k, *a.cache_v], [*b.cache_k, *b.cache_v], strict=True):
+            for r, p in enumerate(positions[:, -1]):
+                close(x[r, :, : p + 1], y[r, :, : p + 1])  # every slot a row has, old and new
+    assert len(set(keys)) == 1, "one binding while the arrays stay the same"
+    with pytest.raises(ValueError, match=CPU_DECODER):
+        shutil.copytree(d / "onnx", tmp_path / "old")
+        (tmp_path / "old" / CPU_DECODER).unlink()
+        manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+        del manifest["files"][CPU_DECODER]
+        (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+        assert not OnnxInference(tmp_path / "old", threads=1).cpu_graph  # without it: decoder.onnx
+        OnnxInference(tmp_path / "old", threads=1, cpu_graph=True)
