@@ -82,9 +82,8 @@ def build(model: LocCa) -> bytes:
             if pending is None:
                 return node("LayerNormalization", [x, g, be], [name], axis=-1, epsilon=EPS)[0]
             y, bias = pending
-            out, _, _, x = node("SkipLayerNormalization", [y, x, g, be, bias],
-                                [name, f"{name}.mean", f"{name}.inv_std", f"{name}.sum"],
-                                domain="com.microsoft", epsilon=EPS)
+            out, _, _, x = node("SkipLayerNormalization", [y, x, g, be, bias], [name, "", "", f"{name}.sum"],
+                                domain="com.microsoft", epsilon=EPS)  # no mean / inv_std: training outputs
             pending = None
             return out
 
