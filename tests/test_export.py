@@ -349,7 +349,8 @@ def test_profile_graphs_reports_every_op_and_the_attention_it_times(exported, ca
     d = exported[2] / "onnx"
     cfg, rng = read_bundle(d).cfg, np.random.default_rng(0)
     feeds = pg.decoder_feeds(cfg, 2, 5, rng)
-    prof = pg.op_profile(d / "decoder.onnx", feeds, io_names(cfg.dec_depth)["decoder_out"], runs=3, threads=1)
+    prof = pg.op_profile(d / "decoder.onnx", pg.plain_run(feeds, io_names(cfg.dec_depth)["decoder_out"]), runs=3,
+                         threads=1)
     assert {"MatMul", "Softmax", "LayerNormalization"} <= set(prof["ops"]) and prof["run_us"] > 0
     assert sum(prof["ops"].values()) == pytest.approx(sum(prof["nodes"].values()))
     H, Dh, N = cfg.dec_heads, cfg.dec_width // cfg.dec_heads, cfg.num_patches
@@ -373,7 +374,8 @@ def test_profile_graphs_reports_every_op_and_the_attention_it_times(exported, ca
     assert rate["distinct"] > 0 and rate["shared"] > 0
     pg.main(["--bundle", str(d), "--batches", "1", "--runs", "2", "--top", "3"])
     printed = capsys.readouterr().out
-    assert all(s in printed for s in ("encoder, batch 1", "decoder, batch 1", "rotating", "rows    1"))
+    assert all(s in printed for s in ("encoder, batch 1", "decoder.onnx, batch 1", "decoder_cpu.onnx, batch 1",
+                                      "GroupQueryAttention", "rotating", "rows    1"))
 
 
 def test_cpu_graph_is_the_cpu_default_and_writes_the_cache_in_place(exported, tmp_path):
@@ -387,7 +389,7 @@ def test_cpu_graph_is_the_cpu_default_and_writes_the_cache_in_place(exported, tm
     _, o, d = exported
     assert o.cpu_graph and CPU_DECODER in read_bundle(d / "onnx").manifest["files"]
     ops = [n.op_type for n in onnx.load(d / "onnx" / CPU_DECODER).graph.node]
-    assert ops.count("GroupQueryAttention") == o.cfg.dec_depth and len(ops) < 60
+    assert ops.count("GroupQueryAttention") == o.cfg.dec_depth and len(ops) < 80
     portable = OnnxInference(d / "onnx", threads=1, cpu_graph=False)
     px, rng = pixels(o.cfg, 2, seed=8), np.random.default_rng(8)
     a, b = o.start(o.encode(px), np.array([0, 1])), portable.start(portable.encode(px), np.array([0, 1]))
