@@ -33,8 +33,9 @@ from model.tokenizer import LoccaTokenizer
 
 from .backends import Loaded
 
-FORMAT = "locca-onnx/3"  # 3: + decoder_cpu.onnx in fp32 and int8 bundles; 2: the decoder returns the new keys/values
-FILES = ("encoder.onnx", "decoder.onnx", "tokenizer.json", "config.json")  # only (1: whole updated caches)
+# 3: fp32 and int8 bundles add decoder_cpu.onnx; 2: the decoder returns the new keys/values only; 1: whole caches
+FORMAT = "locca-onnx/3"
+FILES = ("encoder.onnx", "decoder.onnx", "tokenizer.json", "config.json")  # in every bundle
 CPU_DECODER = "decoder_cpu.onnx"  # export/cpu_decoder.py: ONNX Runtime's fused CPU operators, cache written in place
 DEVICES = ("cpu", "cuda", "tensorrt")
 
@@ -168,8 +169,9 @@ class OnnxInference:
 
     io_binding: keep caches as OrtValues and bind them (default: on GPUs only; on CPU it exists so that the
     GPU code path is tested without a GPU). cpu_graph: step through decoder_cpu.onnx (default: on CPU when
-    the bundle has it; False: decoder.onnx, as on GPUs). trt_options: TensorRT EP options per graph, {"encoder": {...},
-    "decoder": {...}} (default: export/trt_build.py's profiles, fp16 and engine cache for this bundle).
+    the bundle has it; False: decoder.onnx, as on GPUs). trt_options: TensorRT EP options per graph,
+    {"encoder": {...}, "decoder": {...}} (default: export/trt_build.py's profiles, fp16 and engine cache for
+    this bundle).
     """
 
     name = "onnxruntime"

@@ -36,6 +36,7 @@ class Job:
     search: BeamSearch
     arrival: float                # seconds (monotonic clock), when `add` was called
     deadline: float = float("inf")
+    most_tokens: int = 0          # the most tokens it can generate, as `add` found it (its search's bound)
 
     @property
     def width(self) -> int:
@@ -85,6 +86,7 @@ class Scheduler:
     def add(self, job: Job) -> None:
         if job.width > self.max_rows:
             raise ValueError(f"a job of {job.width} beams cannot fit in {self.max_rows} rows")
+        job.most_tokens = job.search.most_tokens()
         self.waiting.append(job)
 
     def abort(self, job_id: int, reason: str = "cancelled") -> Job | None:
@@ -146,7 +148,9 @@ class Scheduler:
 
     # --- policy --------------------------------------------------------------------------------------
     def short(self, job: Job) -> bool:
-        return job.search.most_tokens() <= self.short_tokens
+        """Short by what it could generate when it arrived: a caption near its end is not a short job (else
+        some caption nearly done would hold back every new one under a load of captions alone)."""
+        return job.most_tokens <= self.short_tokens
 
     def _candidates(self, now: float) -> list[Job]:
         """The waiting jobs in the order they may be prefilled: short ones first; long ones only when no short

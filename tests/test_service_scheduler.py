@@ -236,6 +236,12 @@ def test_short_jobs_go_first_and_long_ones_wait_at_most_max_defer(predictor, sce
     assert isinstance(batch, Prefill) and [j.id for j in batch.jobs] == [3], "max_defer has passed"
     assert any(j.id == 2 for j in sched.running), "while the refer still runs"
 
+    # shortness is what a job could generate when it arrived: a caption about to end holds nobody back
+    nearly_done = caption(4, 2.0)
+    sched.add(nearly_done)
+    nearly_done.search.states[0].budget = 3
+    assert nearly_done.search.most_tokens() == 3 and not sched.short(nearly_done)
+
     # short_tokens=0: strictly in arrival order, one prefill for both
     sched = Scheduler(max_batch=8, max_wait=0.0, max_rows=64, short_tokens=0)
     sched.add(caption(0, 0.0))
