@@ -5,7 +5,8 @@ step, and how much of a decode step's attention is memory.
     python benchmarks/profile_graphs.py --batches 8 --position 30 --bundle models/locca-tiny-shapes/onnx
 
 For each batch size it prints, for the encoder and for one decoder call of one token (at `--position`, every
-cache at its full length), the kernel time per op type (mean per run; the profiler's own overhead inflates small
+cache at its full length) of decoder.onnx and, where the bundle has it, of decoder_cpu.onnx as the backend runs
+it (caches bound in place), the kernel time per op type (mean per run; the profiler's own overhead inflates small
 kernels, so read shares, not absolute times), the run time without the profiler, and the largest nodes. Then
 two tests (skip them with --no-tests), each a tiny graph run at every batch size:
 - one layer's cross-attention (scores, softmax, values) as the decoder writes it, once on inputs that stay in
@@ -32,7 +33,8 @@ import onnxruntime as ort
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.onnx_backend import io_names, read_bundle, session_options  # noqa: E402
+from export.cpu_decoder import cpu_io_names  # noqa: E402
+from export.onnx_backend import CPU_DECODER, io_names, read_bundle, session_options  # noqa: E402
 
 
 def timed(run, n: int) -> float:
@@ -47,15 +49,44 @@ def timed(run, n: int) -> float:
     return statistics.median(out)
 
 
-def op_profile(path: Path, feeds: dict, outputs: list[str], runs: int, threads: int) -> dict:
+def plain_run(feeds: dict, outputs: list[str]):
+    """`op_profile`'s `runner` for a graph fed from numpy: one `run`."""
+    return lambda sess: lambda: sess.run(outputs, feeds)
+
+
+def in_place_run(feeds: dict, layers: int):
+    """`op_profile`'s `runner` for decoder_cpu.onnx as the backend runs it: each cache bound as its layer's past
+    and present (copies of the feeds' caches, written in place run after run at the same slots)."""
+    names = cpu_io_names(layers)
+
+    def make(sess):
+        io = sess.io_binding()
+        for name, x in feeds.items():
+            if name.startswith("past"):
+                value = ort.OrtValue.ortvalue_from_numpy(x.copy())
+                io.bind_ortvalue_input(name, value)
+                io.bind_ortvalue_output(name.replace("past", "present"), value)
+            else:
+                io.bind_cpu_input(name, x)
+
+        def run():
+            io.bind_output("logits", "cpu")
+            sess.run_with_iobinding(io)
+        assert len(names["decoder_out"]) == 1 + 2 * layers
+        return run
+    return make
+
+
+def op_profile(path: Path, runner, runs: int, threads: int) -> dict:
     """Kernel time per op type and per node (microseconds per run) from ONNX Runtime's profiler, and the median
-    run time without it."""
+    run time without it. runner(session) -> a callable that runs the graph once (plain_run, in_place_run)."""
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options(threads)
         so.enable_profiling, so.profile_file_prefix = True, f"{tmp}/prof"
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        run = runner(sess)
         for _ in range(runs):
-            sess.run(outputs, feeds)
+            run()
         events = json.loads(Path(sess.end_profiling()).read_text())
     by_op, by_node, shapes = collections.Counter(), collections.Counter(), {}
     for e in events:
@@ -66,7 +97,7 @@ def op_profile(path: Path, feeds: dict, outputs: list[str], runs: int, threads: 
             shapes[node] = [next(iter(s.values())) for s in e["args"].get("input_type_shape", [])]
     plain = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
     return {"ops": {k: v / runs for k, v in by_op.items()}, "nodes": {k: v / runs for k, v in by_node.items()},
-            "shapes": shapes, "run_us": 1e6 * timed(lambda: plain.run(outputs, feeds), runs)}
+            "shapes": shapes, "run_us": 1e6 * timed(runner(plain), runs)}
 
 
 def decoder_feeds(cfg, batch: int, position: int, rng) -> dict:
@@ -159,12 +190,16 @@ def main(argv=None) -> None:
     cfg, rng, names = bundle.cfg, np.random.default_rng(0), io_names(bundle.cfg.dec_depth)
     for b in args.batches:
         pixels = rng.standard_normal((b, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
-        print_profile(f"encoder, batch {b}", op_profile(bundle.dir / "encoder.onnx", {"pixels": pixels},
-                                                        names["encoder_out"][1:], args.runs, args.threads), args.top)
+        print_profile(f"encoder, batch {b}", op_profile(bundle.dir / "encoder.onnx", plain_run(
+            {"pixels": pixels}, names["encoder_out"][1:]), args.runs, args.threads), args.top)
         feeds = decoder_feeds(cfg, b, args.position, rng)
-        print_profile(f"decoder, batch {b}, one token at position {args.position}",
-                      op_profile(bundle.dir / "decoder.onnx", feeds, names["decoder_out"], args.runs, args.threads),
-                      args.top)
+        print_profile(f"decoder.onnx, batch {b}, one token at position {args.position}",
+                      op_profile(bundle.dir / "decoder.onnx", plain_run(feeds, names["decoder_out"]), args.runs,
+                                 args.threads), args.top)
+        if CPU_DECODER in bundle.manifest["files"]:
+            print_profile(f"{CPU_DECODER}, batch {b}, one token at position {args.position}, cache in place",
+                          op_profile(bundle.dir / CPU_DECODER, in_place_run(feeds, cfg.dec_depth), args.runs,
+                                     args.threads), args.top)
     if args.tests:
         print("\none layer's cross-attention for one token: inputs in cache vs 8 rotating input sets")
         print(f"   {'batch':>5} {'K+V MB':>8} {'in cache us':>12} {'rotating us':>12} {'ratio':>6}")
