@@ -248,3 +248,16 @@ def test_short_jobs_go_first_and_long_ones_wait_at_most_max_defer(predictor, sce
     sched.add(refer(1, 0.0))
     batch = sched.schedule(0.0)
     assert isinstance(batch, Prefill) and [j.id for j in batch.jobs] == [0, 1]
+
+
+def test_jobs_that_leave_are_replaced_by_the_last_ones_not_shifted(predictor, scenes):
+    from service.scheduler import _fill_holes
+
+    tasker, size = Tasker(predictor), predictor.image_size
+    jobs = [job_of(k, Ask(0, "caption"), scenes, tasker, size) for k in range(6)]
+    order = lambda js: [j.id for j in js]  # noqa: E731
+    assert order(_fill_holes(jobs, {0})) == [5, 1, 2, 3, 4], "the last job takes the leaver's place"
+    assert order(_fill_holes(jobs, {1, 4})) == [0, 5, 2, 3]
+    assert order(_fill_holes(jobs, {4, 5})) == [0, 1, 2, 3], "leavers at the end: nothing moves"
+    assert order(_fill_holes(jobs, set(range(6)))) == []
+    assert order(_fill_holes(jobs, set())) == order(jobs)
