@@ -103,7 +103,10 @@ class Scheduler:
         for jobs in (self.waiting, self.running):
             for i, job in enumerate(jobs):
                 if job.id == job_id:
-                    del jobs[i]
+                    if jobs is self.running:  # its place goes to the last running job (_fill_holes)
+                        self.running = _fill_holes(self.running, {job_id})
+                    else:
+                        del jobs[i]  # waiting jobs keep their arrival order
                     self.stats.aborted[reason] = self.stats.aborted.get(reason, 0) + 1
                     self._maybe_empty()
                     return job
