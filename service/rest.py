@@ -54,10 +54,12 @@ def error_response(e: ServiceError) -> JSONResponse:
 
 
 class RequestContext:
-    """ASGI middleware: request id (X-Request-ID in and out), metrics and one log line per request."""
+    """ASGI middleware: request id (X-Request-ID in and out), metrics and one log line per request. While the
+    server drains, every answer says `Connection: close`, so that clients stop reusing connections before
+    the server closes them (a request sent on a kept-alive connection as it closes is lost unanswered)."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, engine=None):
+        self.app, self.engine = app, engine
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -72,6 +74,8 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                if self.engine is not None and self.engine.draining:
+                    message["headers"].append((b"connection", b"close"))
             await send(message)
 
         try:
@@ -121,7 +125,7 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
                        limit=settings.max_body_bytes, retry_after=settings.retry_after_s)
     if keys := ApiKeys.from_settings(settings):
         app.add_middleware(RestApiKeys, keys=keys)
-    app.add_middleware(RequestContext)  # outermost: it sees (counts, logs) every answer, 401s included
+    app.add_middleware(RequestContext, engine=engine)  # outermost: it sees (counts, logs) every answer, 401s included
     limit = settings.max_body_bytes
     demo.add_routes(app)
 
