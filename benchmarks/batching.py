@@ -45,10 +45,17 @@ def replay(local: InProcess, clients: list[list[Request]], policy: str, window: 
     one answer. clients[i] is client i's requests, sent in turn."""
     if policy not in ("continuous", "arrival", "static"):
         raise ValueError(f"unknown policy {policy!r}")
-    sched, runner, tasker = local.scheduler, local.runner, local.tasker
-    short_tokens = sched.short_tokens
+    sched, short_tokens = local.scheduler, local.scheduler.short_tokens
     if policy != "continuous":
-        sched.short_tokens = 0
+        sched.short_tokens = 0  # arrival order: the server's scheduler without its short-jobs-first rule
+    try:
+        return _replay(local, clients, policy, window)
+    finally:
+        sched.short_tokens = short_tokens
+
+
+def _replay(local: InProcess, clients: list[list[Request]], policy: str, window: float) -> dict[str, list[float]]:
+    sched, runner, tasker = local.scheduler, local.runner, local.tasker
     held: list[Job] = []                 # static: arrived, waiting for the worker to be idle
     jobs: dict[int, tuple[int, Request]] = {}
     sent = [0] * len(clients)
@@ -91,7 +98,6 @@ def replay(local: InProcess, clients: list[list[Request]], policy: str, window: 
             if end is None or now < end:
                 send(i, now)
     runner.reset()
-    sched.short_tokens = short_tokens
     return lat
 
 

@@ -33,7 +33,6 @@ import onnxruntime as ort
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.cpu_decoder import cpu_io_names  # noqa: E402
 from export.onnx_backend import CPU_DECODER, io_names, read_bundle, session_options  # noqa: E402
 
 
@@ -57,22 +56,22 @@ def plain_run(feeds: dict, outputs: list[str]):
 def in_place_run(feeds: dict, layers: int):
     """`op_profile`'s `runner` for decoder_cpu.onnx as the backend runs it: each cache bound as its layer's past
     and present (copies of the feeds' caches, written in place run after run at the same slots)."""
-    names = cpu_io_names(layers)
+    names = io_names(layers)
+    past = dict(zip(names["decoder_in"][2:2 + 2 * layers], names["decoder_cpu_out"][1:], strict=True))
 
     def make(sess):
         io = sess.io_binding()
         for name, x in feeds.items():
-            if name.startswith("past"):
+            if name in past:
                 value = ort.OrtValue.ortvalue_from_numpy(x.copy())
                 io.bind_ortvalue_input(name, value)
-                io.bind_ortvalue_output(name.replace("past", "present"), value)
+                io.bind_ortvalue_output(past[name], value)
             else:
                 io.bind_cpu_input(name, x)
 
         def run():
             io.bind_output("logits", "cpu")
             sess.run_with_iobinding(io)
-        assert len(names["decoder_out"]) == 1 + 2 * layers
         return run
     return make
 

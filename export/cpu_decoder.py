@@ -38,12 +38,6 @@ from .onnx_backend import io_names
 EPS = 1e-5  # nn.LayerNorm's default
 
 
-def cpu_io_names(layers: int) -> dict[str, list[str]]:
-    names = io_names(layers)
-    per = lambda *stems: [f"{s}_{i}" for s in stems for i in range(layers)]  # noqa: E731
-    return {"decoder_in": names["decoder_in"], "decoder_out": ["logits", *per("present_k", "present_v")]}
-
-
 def build(model: LocCa) -> bytes:
     """The serialized decoder_cpu.onnx of `model` (fp32)."""
     from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
@@ -97,18 +91,17 @@ def build(model: LocCa) -> bytes:
     node("MatMul", [norm(model.ln, "ln"), const("tok_emb_t", f32(model.tok_emb.weight).T.copy())], ["logits"])
 
     fl, i64 = TensorProto.FLOAT, TensorProto.INT64
-    names = cpu_io_names(L)
+    names = io_names(L)
     cache = lambda n: helper.make_tensor_value_info(n, fl, ["batch", H, "slots", Dh])  # noqa: E731
     image = lambda n: helper.make_tensor_value_info(n, fl, ["batch", H, N, Dh])  # noqa: E731
     ins = [helper.make_tensor_value_info(n, i64, ["batch", "tokens"]) for n in ("tokens", "positions")]
     ins += [cache(n) for n in names["decoder_in"][2:2 + 2 * L]] + [image(n) for n in names["decoder_in"][2 + 2 * L:]]
     outs = [helper.make_tensor_value_info("logits", fl, ["batch", "tokens", c.vocab_size])]
-    outs += [cache(n) for n in names["decoder_out"][1:]]
+    outs += [cache(n) for n in names["decoder_cpu_out"][1:]]
     graph = helper.make_graph(nodes, "locca_decoder_cpu", ins, outs, inits)
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
                                                           helper.make_opsetid("com.microsoft", 1)], ir_version=10)
     return onnx_model.SerializeToString()
-
 
 
 def write(model: LocCa, path: str | Path) -> Path:

@@ -41,11 +41,13 @@ DEVICES = ("cpu", "cuda", "tensorrt")
 
 
 def io_names(layers: int) -> dict[str, list[str]]:
-    """Input and output names of the two graphs; a name ending in _{l} is layer l's."""
+    """Input and output names of the graphs; a name ending in _{l} is layer l's. decoder_cpu.onnx takes
+    decoder_in too; its outputs are decoder_cpu_out (present_*: the past_* buffers, written in place)."""
     per = lambda *stems: [f"{s}_{i}" for s in stems for i in range(layers)]  # noqa: E731
     return {"encoder_in": ["pixels"], "encoder_out": ["visual", *per("cross_k", "cross_v")],
             "decoder_in": ["tokens", "positions", *per("past_k", "past_v", "cross_k", "cross_v")],
-            "decoder_out": ["logits", *per("new_k", "new_v")]}
+            "decoder_out": ["logits", *per("new_k", "new_v")],
+            "decoder_cpu_out": ["logits", *per("present_k", "present_v")]}
 
 
 def sha256(path: Path) -> str:
@@ -144,7 +146,7 @@ class OrtState:
     cross_k: list  # L x (R, H, N, Dh): each row's image
     cross_v: list
     rows_buffer: list | None = None  # CPU: the arrays the tensors are leading-row views of, with spare rows
-    binding: tuple | None = None     # CPU graph: (the arrays' addresses and shapes, the IOBinding made for them)
+    binding: tuple | None = None     # CPU graph: (the arrays' ids, the IOBinding made for them, the arrays)
 
     @property
     def rows(self) -> int:
@@ -245,25 +247,27 @@ class OnnxInference:
         """A step of decoder_cpu.onnx: every cache array is its layer's past and present (GroupQueryAttention
         writes the new slots into it). The binding is kept while the state's arrays stay the same ones (greedy
         steps with every row running), and made again after a select or merge replaced them."""
-        caches = [*state.cache_k, *state.cache_v]
-        if not all(c.flags.c_contiguous for c in caches):  # the graph writes through the arrays' memory
-            caches = [np.ascontiguousarray(c) for c in caches]
-            L = len(caches) // 2
-            state.cache_k, state.cache_v = caches[:L], caches[L:]
         tensors = state.tensors()
-        key = tuple((x.__array_interface__["data"][0], x.shape, x.strides) for x in tensors)
+        key = tuple(map(id, tensors))  # the binding holds the arrays, so no id is reused while it lives
         if state.binding is None or state.binding[0] != key:
+            caches = [*state.cache_k, *state.cache_v]
+            if not all(c.flags.c_contiguous for c in caches):  # the graph writes through the arrays' memory
+                caches = [np.ascontiguousarray(c) for c in caches]
+                L = len(caches) // 2
+                state.cache_k, state.cache_v = caches[:L], caches[L:]
+                tensors = state.tensors()
+                key = tuple(map(id, tensors))
             io = self.decoder.io_binding()
             io.bind_output("logits", "cpu")  # first: the run's outputs come back in binding order
             n = len(caches)
-            for name, out, x in zip(self.names["decoder_in"][2:2 + n], _present_names(n), caches, strict=True):
+            for name, out, x in zip(self.names["decoder_in"][2:2 + n], self.names["decoder_cpu_out"][1:], caches,
+                                    strict=True):
                 value = ort.OrtValue.ortvalue_from_numpy(x)  # the array's memory, not a copy
                 io.bind_ortvalue_input(name, value)
                 io.bind_ortvalue_output(out, value)
-            held = [np.ascontiguousarray(x) for x in tensors[n:]]  # kept alive with the binding
-            for name, x in zip(self.names["decoder_in"][2 + n:], held, strict=True):
-                io.bind_cpu_input(name, x)
-            state.binding = (key, io, held)
+            for name, x in zip(self.names["decoder_in"][2 + n:], tensors[n:], strict=True):
+                io.bind_cpu_input(name, np.ascontiguousarray(x))
+            state.binding = (key, io, tensors)
         io = state.binding[1]
         io.bind_output("logits", "cpu")  # again each step (it keeps its place): unallocated, so T may change
         io.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
@@ -389,11 +393,6 @@ class _Bound:
             self.graphs[op, n] = ort.InferenceSession(_row_graph(op, n, self.dtype), providers=self.providers)
         feed = {f"x{i}": x for i, x in enumerate(xs)} | extra
         return self.run(self.graphs[op, n], feed, [f"y{i}" for i in range(n)])
-
-
-def _present_names(n: int) -> list[str]:
-    L = n // 2
-    return [f"present_k_{i}" for i in range(L)] + [f"present_v_{i}" for i in range(L)]
 
 
 def _row_graph(op: str, n: int, dtype) -> bytes:
