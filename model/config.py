@@ -141,6 +141,8 @@ class TrainConfig:
     cap_parallel_prob: float = 0.0     # CapPa parallel prediction: share of captions decoded from <mask> inputs
     data_start: int = 0                # shapes data: index of the first scene (a later leg starts after earlier ones)
     curriculum_steps: int = 0          # shapes data: the most objects per scene grows from 1 to all over these steps
+    crowd_prob: float = 0.0            # shapes data: share of scenes with more objects than the spec's 6 (ARef and
+    crowd_objects: tuple[int, ...] = (7, 8)  # GCap targets only), so /ground copes with crowded images (issue 16)
     init_from: str | None = None       # start from this checkpoint's weights and tokenizer (fine-tune, or go on
                                        # with a run whose optimizer state is gone); model and box configs must match
     precision: str = "auto"            # auto: bf16 autocast where the hardware has bf16 units, else fp32
@@ -165,6 +167,8 @@ class TrainConfig:
             raise ValueError("need loc_sigma >= 0, cap_parallel_prob in [0, 1], num_workers >= 0")
         if self.loc_init not in ("random", "sincos"):
             raise ValueError(f"loc_init must be 'random' or 'sincos', got {self.loc_init!r}")
+        if not 0 <= self.crowd_prob <= 1 or not all(1 <= n <= 64 for n in self.crowd_objects):
+            raise ValueError("need crowd_prob in [0, 1] and crowd_objects in [1, 64]")
         if self.eval_every < 0 or self.curriculum_steps < 0 or self.data_start < 0:
             raise ValueError("eval_every, curriculum_steps and data_start must be >= 0")
 

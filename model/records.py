@@ -32,6 +32,8 @@ from tqdm import tqdm
 
 from model.shapes import MAX_OBJECTS, generate_scene, sample_scene, scene_to_record
 
+CROWD_STREAM = 8  # second seed word of the draws that make a scene of the stream crowded (ShapesStream)
+
 
 class RecordError(ValueError):
     """A record that does not follow the format; the message names `file:line`."""
@@ -188,10 +190,13 @@ class ShapesStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         curriculum_scenes: int = 0,
+        crowd_prob: float = 0.0,
+        crowd_objects: tuple[int, ...] = (7, 8),
     ):
         self.seed_offset, self.num_scenes = seed_offset, num_scenes
         self.sharding = _Sharding(start, batch_size, rank, world_size)
         self.curriculum_scenes = curriculum_scenes
+        self.crowd_prob, self.crowd_objects = crowd_prob, crowd_objects
 
     def max_objects(self, i: int) -> int:
         """Curriculum: scene i has at most 1 object at the start, growing linearly to all of the spec's range
@@ -204,6 +209,10 @@ class ShapesStream(IterableDataset):
         """Scene i of the stream: `generate_scene(seed_offset + i)`, or under the curriculum the first of the
         scenes seeded (seed_offset + i, j), j = 0, 1, ..., with few enough objects (a pure function of i)."""
         limit = self.max_objects(i)
+        if limit >= MAX_OBJECTS and self.crowd_prob:
+            rng = np.random.default_rng([self.seed_offset + i, CROWD_STREAM])
+            if rng.random() < self.crowd_prob:  # a crowded scene: more objects than the spec's 6 (issue 16)
+                return sample_scene(rng, count=int(rng.choice(self.crowd_objects)))
         if limit >= MAX_OBJECTS:
             return generate_scene(self.seed_offset + i)
         j = 0
@@ -224,7 +233,9 @@ class ShapesStream(IterableDataset):
             ]
             yield {
                 "image": scene.image,
-                "caption": scene.caption,
+                # A crowded scene's caption is longer than the captions the model is judged on, and than
+                # `tiny`'s 48 positions: it teaches ARef and GCap only.
+                "caption": scene.caption if len(scene.objects) <= MAX_OBJECTS else None,
                 "regions": regions,
                 "width": scene.width,
                 "height": scene.height,

@@ -81,7 +81,8 @@ def corpus(cfg: TrainConfig):
 def dataset(cfg: TrainConfig, start: int, local_batch: int):
     if cfg.data == "shapes":
         return ShapesStream(TRAIN_SEED_OFFSET + cfg.data_start, start=start, batch_size=local_batch,
-                            curriculum_scenes=cfg.curriculum_steps * cfg.batch_size)
+                            curriculum_scenes=cfg.curriculum_steps * cfg.batch_size, crowd_prob=cfg.crowd_prob,
+                            crowd_objects=cfg.crowd_objects)
     return RecordsDataset(cfg.data, shuffle_seed=cfg.seed, start=start, batch_size=local_batch)
 
 
