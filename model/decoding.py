@@ -224,8 +224,8 @@ def next_rows(searches: list[BeamSearch]) -> tuple[np.ndarray, np.ndarray, np.nd
     its slice of that call. Returns the rows to keep from the current state (for `select`), and the
     (R, 1) tokens and positions to step."""
     src: list[int] = []
-    for s in searches:
-        s.rows = list(range(len(src), len(src) + s.width))
+    for s in searches:  # a search's live rows are its `src` (a beam search's: always `width`)
+        s.rows = list(range(len(src), len(src) + len(s.src)))
         src += s.src
     tokens = np.concatenate([s.tokens() for s in searches])[:, None]
     positions = np.concatenate([s.positions() for s in searches])[:, None]
@@ -254,12 +254,20 @@ def decode(inference, cross, queries: list[Query], tok: LoccaTokenizer,
     grammar, S = Grammar(tok), inference.cfg.max_seq_len
     searches = [BeamSearch(q, budget_for(q, options, S), options.beam_size, grammar, options.length_penalty)
                 for q in queries]
-    state, last = prefill(inference, cross, queries, tok.pad_id)
+    run(inference, cross, searches, tok.pad_id)
+    return [s.best(options.num_return) for s in searches]
+
+
+def run(inference, cross, searches: list, pad_id: int) -> None:
+    """Drive searches (BeamSearch, or anything with its interface: model/regions.py) to the end, together:
+    one prefill of their queries, then one step call per token over every live row."""
+    if not searches:
+        return
+    state, last = prefill(inference, cross, [s.query for s in searches], pad_id)
     for i, s in enumerate(searches):
-        s.rows = [i] * s.width  # every beam starts from its query's prompt row
+        s.rows = [i] * s.width  # every row starts from its query's prompt row
     live = searches
     while live := [s for s in live if s.advance(last)]:
         src, tokens, positions = next_rows(live)
         inference.select(state, src)
         last = inference.step(state, tokens, positions)[:, 0]
-    return [s.best(options.num_return) for s in searches]

@@ -1,0 +1,283 @@
+"""Every object of an image, boxed and described: the search behind `/v1/ground` without a box (issue 16).
+
+Prompted with `<bos> <GCap>`, LocCa's decoder writes the box of *one* object and its referring expression: the
+distribution over the first location token (y0) is a mixture over the objects of the image, each a bump a few
+bins wide. Greedy or beam search follows its highest mode and finds one or two objects (47% of them, issue 16);
+this search enumerates the modes instead, in one batch of rows:
+
+    1. corners   every y0 bin with probability >= `min_y_prob` (at most `max_y`), then in each of those rows the
+                 peaks of x0 given y0 (local maxima >= `min_x_prob`, at most `x_peaks`): one row per top-left
+                 corner, at most `max_rows` rows, the likeliest corners first;
+    2. complete  each row greedily, under the task's grammar: y1, x1, <sep>, the expression, <eos>;
+    3. group     rows by their expression: a referring expression picks out one object, so rows with the same
+                 text found the same object (or are wrong); each group's box is its medoid (the box with the most
+                 probability-weighted overlap with the group's others);
+    4. listen    ask the model back (ARef, `<bos> <ARef> text <sep>` fed into the group's row) where that
+                 expression is, and keep the group only where that box agrees with it (IoU >= 0.5): the
+                 speaker-listener check of referring-expression generation (Mao et al., 2016; Yu et al., 2017),
+                 which drops descriptions the model itself would not resolve to the box they describe.
+
+It is one search of at most `max_rows` rows that the scheduler batches like any beam search (model/decoding.py
+`BeamSearch`'s interface: `rows`, `advance`, `src`, `tokens`, `positions`), so it joins running batches and its
+answer does not depend on them. How this compares with beam search and with caption -> phrase -> refer, measured:
+docs/ground.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .decoding import Grammar, GrammarState, Query, log_softmax
+from .tasks import GRAMMARS, Tasks
+
+
+@dataclass(frozen=True)
+class RegionOptions:
+    min_y_prob: float = 0.005     # y0 bins below this probability start no row
+    max_y: int = 24               # most y0 bins branched
+    min_x_prob: float = 0.05      # x0 peaks below this probability (given y0) start no row
+    x_peaks: int = 3              # most x0 peaks per y0 bin
+    max_rows: int = 32            # most rows at once (corners kept by joint probability)
+    listen: bool = True           # keep only regions whose text the model's ARef resolves back to their box
+    agree_iou: float = 0.5        # ... with at least this IoU
+
+    def __post_init__(self):
+        if not (0 < self.min_y_prob < 1 and 0 < self.min_x_prob < 1):
+            raise ValueError("min_y_prob and min_x_prob are probabilities in (0, 1)")
+        if min(self.max_y, self.x_peaks, self.max_rows) < 1 or not 0 < self.agree_iou <= 1:
+            raise ValueError("need max_y, x_peaks, max_rows >= 1 and agree_iou in (0, 1]")
+
+
+def iou(a, b) -> float:
+    """IoU of two [x0, y0, x1, y1] boxes (any units: IoU does not change when x and y are scaled apart)."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def peaks(p: np.ndarray, threshold: float, k: int) -> list[int]:
+    """Indices of the local maxima of `p` (no neighbour higher) at or above `threshold`, best first, at most k."""
+    left = np.r_[-np.inf, p[:-1]]
+    right = np.r_[p[1:], -np.inf]
+    idx = np.flatnonzero((p >= threshold) & (p >= left) & (p >= right))
+    return [int(i) for i in idx[np.argsort(-p[idx], kind="stable")][:k]]
+
+
+@dataclass
+class Branch:
+    """One row: a sequence being fed (its prompt) or generated."""
+    ids: list[int]                 # prompt then generated tokens
+    prompt: int                    # how many of `ids` are prompt
+    cached: int                    # how many of `ids` are in the row's cache
+    state: GrammarState
+    lps: list[float] = field(default_factory=list)   # log-probability of each generated token
+    lead: float = 0.0              # log-probability of the corner that started it (ranks the rows)
+    group: int = -1                # listen: the index of the region it checks
+
+    @property
+    def generated(self) -> list[int]:
+        return self.ids[self.prompt:]
+
+
+@dataclass
+class Region:
+    tokens: list[int]              # the box's four location tokens, <sep>, the expression's text tokens
+    score: float                   # mean log-probability of the generated tokens (box, <sep>, text, <eos>)
+    weight: float                  # probability mass of the rows that found it (the group's)
+    listened: list[int] | None = None  # the four location tokens the model's ARef gave for its text
+
+
+class RegionSearch:
+    """Enumerates the objects of one image (module docstring). Driven as `BeamSearch` is; `regions()` after."""
+
+    def __init__(self, query: Query, budget: int, grammar: Grammar, tasks: Tasks, seq_len: int,
+                 options: RegionOptions = RegionOptions()):
+        """seq_len: the model's positions (a listener's prompt and box must fit in them)."""
+        self.query, self.grammar, self.tasks, self.options = query, grammar, tasks, options
+        self.tok, self.seq_len = grammar.tok, seq_len
+        self.width = options.max_rows           # rows it may hold at once (the scheduler's budget)
+        prompt = list(query.prompt)
+        # The prefill puts the job's prompt in its row's cache; `share_row` is for a search that starts from
+        # another's row (a grounded caption's: <bos> <Cap> leaves the slot 0 that <bos> <GCap> needs)
+        self.branches = [Branch(prompt, len(prompt), len(prompt), GrammarState(GRAMMARS["propose"], budget))]
+        self.found: list[Region] = []
+        self.done_rows: list[Branch] = []       # proposing rows that wrote a box and a text
+        self.rows: list[int] = []
+        self.src: list[int] = []
+        self.started = self.listening = self.done = False
+
+    def share_row(self, cached: int) -> None:
+        """Start from a row whose cache holds only the first `cached` tokens of this search's prompt."""
+        self.branches[0].cached = cached
+
+    # --- the interface the scheduler drives --------------------------------------------------------------
+    def advance(self, logits: np.ndarray) -> bool:
+        """Read this search's rows of `logits` (one per live branch, in order), move every branch on."""
+        if self.started:                      # the step that made these logits cached one token of each
+            for b in self.branches:
+                b.cached += 1
+        self.started = True
+        nxt: list[tuple[int, Branch]] = []    # (row of `logits` it continues, branch)
+        for row, b in zip(self.rows, self.branches, strict=False):
+            if b.cached < len(b.ids):         # still feeding its prompt: these logits are not for it
+                nxt.append((row, b))
+                continue
+            logp = log_softmax(logits[row])
+            if not self.listening and b.state.phase == 0 and b.state.count < 2:  # a corner: branch
+                nxt += [(row, c) for c in self._branch(logp, b)]
+                continue
+            t = int(np.argmax(np.where(self.grammar.allowed(b.state), logp, -np.inf)))
+            b.ids.append(t)
+            b.lps.append(float(logp[t]))
+            if t != self.tok.eos_id:
+                b.state.advance(t, self.tok)
+                nxt.append((row, b))
+            elif self.listening:
+                self.found[b.group].listened = b.generated[:4]
+            elif len(b.generated) >= 7 and b.generated[4] == self.tok.sep_id:
+                self.done_rows.append(b)
+        if not self.listening:
+            nxt = self._cap(nxt)
+            if not nxt:                       # every proposing row is done: group, then listen
+                nxt = self._listeners(self.rows[0] if self.rows else 0)
+        self.branches = [b for _, b in nxt]
+        self.src = [r for r, _ in nxt]
+        self.done = not nxt
+        return not self.done
+
+    def tokens(self) -> np.ndarray:
+        """(R,) the token each live row feeds next: the next of its prompt, or the one it generated last."""
+        return np.array([b.ids[b.cached] for b in self.branches], dtype=np.int64)
+
+    def positions(self) -> np.ndarray:
+        return np.array([b.cached for b in self.branches], dtype=np.int64)
+
+    def most_tokens(self) -> int:
+        return self.branches[0].state.budget if self.branches else 0
+
+    # --- the phases ----------------------------------------------------------------------------------
+    def _branch(self, logp: np.ndarray, b: Branch) -> list[Branch]:
+        """y0: every bin likely enough (a wide bump is several corners; the duplicates group later); x0 given
+        y0: its peaks. The last bin is left for the second corner, as the grammar does."""
+        o, tok = self.options, self.tok
+        loc = logp[tok.loc_offset: tok.loc_offset + tok.num_loc - 1]
+        loc = loc - np.logaddexp.reduce(loc)  # the probabilities among the corners the grammar allows
+        p = np.exp(loc)
+        if b.state.count == 0:
+            order = np.argsort(-loc, kind="stable")[: o.max_y]
+            picks = [int(y) for y in order if p[y] >= o.min_y_prob] or [int(order[0])]
+        else:
+            picks = peaks(p, o.min_x_prob, o.x_peaks) or [int(np.argmax(loc))]
+        out = []
+        for k in picks:
+            state = b.state.copy()
+            state.advance(tok.loc_offset + k, tok)
+            out.append(Branch(b.ids + [tok.loc_offset + k], b.prompt, b.cached, state, b.lps + [float(loc[k])],
+                              b.lead + float(loc[k])))
+        return out
+
+    def _cap(self, nxt: list[tuple[int, Branch]]) -> list[tuple[int, Branch]]:
+        """At most `max_rows` rows, the likeliest corners first; of rows with the same box, the likeliest."""
+        seen, out = set(), []
+        for row, b in sorted(nxt, key=lambda rb: -rb[1].lead):
+            if len(b.generated) >= 4:
+                box = tuple(b.generated[:4])
+                if box in seen:
+                    continue
+                seen.add(box)
+            out.append((row, b))
+        return out[: self.options.max_rows]
+
+    def _groups(self) -> list[Region]:
+        """One region per text: the medoid of its rows' boxes, weighted by their corners' probabilities."""
+        by_text: dict[tuple[int, ...], list[Branch]] = {}
+        for b in self.done_rows:
+            by_text.setdefault(tuple(b.generated[5:-1]), []).append(b)
+        regions = []
+        for group in by_text.values():
+            boxes = [self._norm(b.generated[:4]) for b in group]
+            w = np.exp([b.lead for b in group])
+            best = max(range(len(group)), key=lambda i: sum(wj * iou(boxes[i], bj)
+                                                              for wj, bj in zip(w, boxes, strict=True)))
+            b = group[best]
+            regions.append(Region(b.generated[:-1], float(np.mean(b.lps)), float(w.sum())))
+        return sorted(regions, key=lambda r: -r.score)
+
+    def _listeners(self, row: int) -> list[tuple[int, Branch]]:
+        """Group the finished rows into regions, then (options.listen) one ARef row per region, in `row`
+        (any row of this image: the listener's prompt overwrites its cache from slot 0)."""
+        self.found = self._groups()
+        if not self.options.listen:
+            return []
+        self.listening = True
+        out = []
+        for i, r in enumerate(self.found):
+            prompt = self.tasks.refer_prompt(self.tok.decode(r.tokens[5:]).strip())
+            budget = self.seq_len - len(prompt)
+            if budget < MIN_LISTEN_TOKENS:
+                continue                      # no room to listen: the region stays unchecked
+            out.append((row, Branch(prompt, len(prompt), 0, GrammarState(GRAMMARS["refer"], budget), group=i)))
+        return out
+
+    def _norm(self, locs: list[int]) -> list[float]:
+        """Four location tokens -> the box in the unit square, [x0, y0, x1, y1]."""
+        return self.tasks.codec.decode(locs, 1.0, 1.0)
+
+    # --- the answer ------------------------------------------------------------------------------------
+    def regions(self, width: float, height: float, max_regions: int) -> list[dict]:
+        """The regions found, best first: box (pixels), text, score; those the listener disowned left out."""
+        out = []
+        for r in self.found:
+            if r.listened is not None and \
+                    iou(self._norm(r.tokens[:4]), self._norm(r.listened)) < self.options.agree_iou:
+                continue
+            out.append({**self.tasks.parse("propose", r.tokens, width, height), "score": r.score})
+            if len(out) == max_regions:
+                break
+        return out
+
+
+MIN_LISTEN_TOKENS = 5  # four corners and <eos>
+
+
+class GroundedCaption:
+    """A caption and every region of its image, searched side by side from one prompt row: the regions' prompt
+    <bos> <GCap> shares slot 0 (<bos>) with the caption's <bos> <Cap>, so their search starts in a copy of the
+    caption's row by feeding <GCap> at position 1, and no second prefill is needed. The caption's object
+    phrases are linked to the regions afterwards (model/phrases.py)."""
+
+    def __init__(self, caption, regions: RegionSearch):
+        self.caption, self.region_search = caption, regions
+        regions.share_row(1)
+        self.query = caption.query
+        self.width = caption.width + regions.width
+        self.parts = [caption, regions]
+        self.live = [1, 1]           # rows each part holds in the next logits (one each after the prefill)
+        self.rows: list[int] = []
+        self.src: list[int] = []
+        self.done = False
+
+    def advance(self, logits: np.ndarray) -> bool:
+        offset, self.src = 0, []
+        for k, part in enumerate(self.parts):
+            if part.done:
+                continue
+            part.rows, offset = self.rows[offset: offset + self.live[k]], offset + self.live[k]
+            if part.advance(logits):
+                self.src += part.src
+            self.live[k] = len(part.src)
+        self.done = not self.src
+        return not self.done
+
+    def tokens(self) -> np.ndarray:
+        return np.concatenate([p.tokens() for p in self.parts if not p.done])
+
+    def positions(self) -> np.ndarray:
+        return np.concatenate([p.positions() for p in self.parts if not p.done])
+
+    def most_tokens(self) -> int:
+        return max(p.most_tokens() for p in self.parts if not p.done) if not self.done else 0
