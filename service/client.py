@@ -29,9 +29,18 @@ RETRY_GRPC = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
 
 
 @dataclass(frozen=True)
+class Phrase:
+    text: str                     # an object phrase of the caption: caption[span[0]:span[1]]
+    span: tuple[int, int]
+    box: list[float] | None       # None: no region found was this phrase's
+    score: float | None
+
+
+@dataclass(frozen=True)
 class Caption:
     caption: str
     score: float
+    phrases: list[Phrase] | None = None   # grounded captions only
 
 
 @dataclass(frozen=True)
@@ -84,7 +93,7 @@ def _request(path: str, image, fields: dict, encoding: str, request_id: str | No
     if encoding == "json":
         body = {"image": base64.b64encode(data).decode(), **fields}
         return {"method": "POST", "url": path, "json": body, "headers": headers}
-    form = {k: json.dumps(v) if isinstance(v, list) else str(v) for k, v in fields.items()}
+    form = {k: json.dumps(v) if isinstance(v, list | bool) else str(v) for k, v in fields.items()}
     return {"method": "POST", "url": path, "files": {"image": ("image", data)}, "data": form, "headers": headers}
 
 
@@ -100,7 +109,9 @@ def _error(r: httpx.Response) -> LoccaError:
 
 def _typed(path: str, body: dict):
     if path.endswith("caption"):
-        return Caption(body["caption"], body["score"])
+        phrases = body.get("phrases")
+        return Caption(body["caption"], body["score"], None if phrases is None else [
+            Phrase(p["text"], tuple(p["span"]), p["box"], p["score"]) for p in phrases])
     if path.endswith("refer"):
         return Referral(body["expression"], body["box"], body["score"])
     return [Region(r["box"], r["text"], r["score"]) for r in body["regions"]]
@@ -114,8 +125,10 @@ class LoccaClient:
         self.http = httpx.Client(base_url=base_url, timeout=timeout, headers=_auth(api_key))
         self.retries, self.max_backoff, self.encoding = retries, max_backoff, encoding
 
-    def caption(self, image, max_new_tokens: int | None = None, **kw) -> Caption:
-        return self._post("/v1/caption", image, {"max_new_tokens": max_new_tokens}, **kw)
+    def caption(self, image, max_new_tokens: int | None = None, grounded: bool = False, **kw) -> Caption:
+        """grounded: also the box of each object phrase (`Caption.phrases`)."""
+        return self._post("/v1/caption", image, {"max_new_tokens": max_new_tokens, "grounded": grounded or None},
+                          **kw)
 
     def refer(self, image, expression: str, **kw) -> Referral:
         return self._post("/v1/refer", image, {"expression": expression}, **kw)
@@ -203,10 +216,13 @@ class LoccaGrpcClient:
         self.timeout, self.retries, self.max_backoff = timeout, retries, max_backoff
         self.metadata = tuple((k.lower(), v) for k, v in _auth(api_key).items())
 
-    def caption(self, image, max_new_tokens: int | None = None, timeout: float | None = None) -> Caption:
-        r = self._call(self.stub.Caption, self.pb.CaptionRequest(image=image_bytes(image),
+    def caption(self, image, max_new_tokens: int | None = None, timeout: float | None = None,
+                grounded: bool = False) -> Caption:
+        r = self._call(self.stub.Caption, self.pb.CaptionRequest(image=image_bytes(image), grounded=grounded,
                                                                  max_new_tokens=max_new_tokens or 0), timeout)
-        return Caption(r.caption, r.score)
+        phrases = [Phrase(p.text, (p.start, p.end), _box(p.box) if p.HasField("box") else None,
+                          p.score if p.HasField("box") else None) for p in r.phrases]
+        return Caption(r.caption, r.score, phrases if grounded else None)
 
     def refer(self, image, expression: str, timeout: float | None = None) -> Referral:
         r = self._call(self.stub.Refer, self.pb.ReferRequest(image=image_bytes(image), expression=expression), timeout)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from model.config import SIZES
+from model.predictor import DEFAULT_REGIONS
 
 from . import images, metrics
 from .body import Buffers
@@ -42,8 +43,10 @@ class Engine:
         return self.pool.ready and not self.draining
 
     # --- the three calls -----------------------------------------------------------------------------
-    async def caption(self, image: bytes, max_new_tokens: int | None = None, timeout: float | None = None) -> dict:
-        return await self._run(image, timeout, lambda size: Task("caption", size, max_new_tokens=max_new_tokens))
+    async def caption(self, image: bytes, max_new_tokens: int | None = None, timeout: float | None = None,
+                      grounded: bool = False) -> dict:
+        kind = "grounded" if grounded else "caption"
+        return await self._run(image, timeout, lambda size: Task(kind, size, max_new_tokens=max_new_tokens))
 
     async def refer(self, image: bytes, expression: str, timeout: float | None = None) -> dict:
         if not expression or not expression.strip():
@@ -51,7 +54,7 @@ class Engine:
         out = await self._run(image, timeout, lambda size: Task("refer", size, expression=expression))
         return {"expression": expression, **out}
 
-    async def ground(self, image: bytes, box: Sequence[float] | None = None, max_regions: int = 5,
+    async def ground(self, image: bytes, box: Sequence[float] | None = None, max_regions: int = DEFAULT_REGIONS,
                      timeout: float | None = None) -> dict:
         def task(size):
             if box is None:

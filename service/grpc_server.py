@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from . import auth, logs, metrics, protos
 from .engine import Engine
 from .errors import InvalidRequest, QueueFull, ServiceError
-from .schemas import CaptionParams, GroundParams, ReferParams
+from .schemas import MAX_REGIONS, CaptionParams, GroundParams, ReferParams
 from .settings import Settings
 
 pb, pb_grpc = protos.load()
@@ -76,9 +76,12 @@ class LoccaServicer(pb_grpc.LocCaServicer):
 
     async def Caption(self, request, context):
         async def work(timeout):
-            p = _params(CaptionParams, max_new_tokens=request.max_new_tokens or None)
-            out = await self.engine.caption(request.image, p.max_new_tokens, timeout)
-            return pb.CaptionResponse(caption=out["caption"], score=out["score"])
+            p = _params(CaptionParams, max_new_tokens=request.max_new_tokens or None, grounded=request.grounded)
+            out = await self.engine.caption(request.image, p.max_new_tokens, timeout, p.grounded)
+            return pb.CaptionResponse(caption=out["caption"], score=out["score"], phrases=[
+                pb.Phrase(text=f["text"], start=f["span"][0], end=f["span"][1], score=f["score"] or 0.0,
+                          **({} if f["box"] is None else {"box": _box(f["box"])}))
+                for f in out.get("phrases") or ()])
         return await self._call(context, "Caption", work, request)
 
     async def Refer(self, request, context):
@@ -94,7 +97,7 @@ class LoccaServicer(pb_grpc.LocCaServicer):
             if request.HasField("box"):
                 b = request.box
                 box = [b.x0, b.y0, b.x1, b.y1]
-            p = _params(GroundParams, box=box, max_regions=request.max_regions or 5)
+            p = _params(GroundParams, box=box, max_regions=request.max_regions or MAX_REGIONS)
             out = await self.engine.ground(request.image, p.box, p.max_regions, timeout)
             return pb.GroundResponse(regions=[pb.Region(box=_box(r["box"]), text=r["text"], score=r["score"])
                                               for r in out["regions"]])

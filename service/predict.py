@@ -2,8 +2,9 @@
 the answer as JSON, in the REST contract's shape (shared/specs/api.md), and draw it (--out).
 
     locca predict scene.png --task caption
+    locca predict scene.png --task caption --grounded --out grounded.png  # and the box of each object phrase
     locca predict scene.png --task refer --expression "the red circle" --out refer.png
-    locca predict scene.png --task ground --max-regions 3 --out regions.png
+    locca predict scene.png --task ground --out regions.png              # every object: box and description
     locca predict scene.png --task ground --box 10,20,80,90                # describe this box
     locca predict scene.png --task refer --expression "the square" --url http://127.0.0.1:8000
 
@@ -30,8 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", help="an image file (PNG, JPEG, WebP, BMP, GIF, TIFF)")
     p.add_argument("--task", choices=render.TASKS, default="caption", help="what to ask (default caption)")
     p.add_argument("--expression", help="refer: the referring expression, e.g. 'the red circle'")
-    p.add_argument("--box", help="ground: a box to describe, x0,y0,x1,y1 in pixels (default: proposals)")
-    p.add_argument("--max-regions", type=int, default=5, help="ground: most regions proposed (default 5)")
+    p.add_argument("--box", help="ground: a box to describe, x0,y0,x1,y1 in pixels (default: every object)")
+    p.add_argument("--max-regions", type=int, default=MAX_REGIONS,
+                   help=f"ground without --box: most regions answered, 1-{MAX_REGIONS} (default {MAX_REGIONS})")
+    p.add_argument("--grounded", action="store_true", help="caption: also the box of each object phrase")
     p.add_argument("--max-new-tokens", type=int, default=None, help="caption: token budget")
     p.add_argument("--out", help="write the image with the answer drawn on it here (PNG)")
     p.add_argument("--url", help="ask the server at this URL (e.g. http://127.0.0.1:8000) instead of loading "
@@ -63,13 +66,13 @@ def load_predictor(model: str, backend: str = "torch", device: str = "cpu"):
 
 
 def answer(predictor, image, task: str, expression: str | None = None, box: list[float] | None = None,
-           max_regions: int = 5, max_new_tokens: int | None = None) -> dict:
+           max_regions: int = MAX_REGIONS, max_new_tokens: int | None = None, grounded: bool = False) -> dict:
     """Predictor.run's answer shaped as the server's (service/jobs.py Tasker.answer)."""
     from model.predictor import Ask  # noqa: PLC0415
 
     if task == "caption":
-        (out,) = predictor.run([image], [Ask(0, "caption", max_new_tokens=max_new_tokens)])
-        return {"caption": out["text"], "score": out["score"]}
+        (out,) = predictor.run([image], [Ask(0, "grounded" if grounded else "caption", max_new_tokens=max_new_tokens)])
+        return {"caption": out["text"], "score": out["score"], **({"phrases": out["phrases"]} if grounded else {})}
     if task == "refer":
         (out,) = predictor.run([image], [Ask(0, "refer", expression=expression)])
         return {"expression": expression, "box": out["box"], "score": out["score"]}
@@ -83,7 +86,8 @@ def answer(predictor, image, task: str, expression: str | None = None, box: list
 
 def local(image, task: str, args, box: list[float] | None) -> dict:
     predictor = load_predictor(args.model, args.backend, args.device)
-    return answer(predictor, image, task, args.expression, box, args.max_regions, args.max_new_tokens)
+    return answer(predictor, image, task, args.expression, box, args.max_regions, args.max_new_tokens,
+                  args.grounded)
 
 
 def remote(data: bytes, task: str, args, box: list[float] | None) -> dict:
@@ -100,8 +104,10 @@ def remote(data: bytes, task: str, args, box: list[float] | None) -> dict:
 def _ask_server(client, data: bytes, task: str, args, box: list[float] | None) -> dict:
     with client as c:
         if task == "caption":
-            r = c.caption(data, args.max_new_tokens)
-            return {"caption": r.caption, "score": r.score}
+            r = c.caption(data, args.max_new_tokens, grounded=args.grounded)
+            phrases = [{"text": p.text, "span": list(p.span), "box": p.box, "score": p.score}
+                       for p in r.phrases or ()]
+            return {"caption": r.caption, "score": r.score, **({"phrases": phrases} if args.grounded else {})}
         if task == "refer":
             r = c.refer(data, args.expression)
             return {"expression": r.expression, "box": r.box, "score": r.score}

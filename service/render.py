@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -44,8 +45,8 @@ def labelled_boxes(task: str, result: dict) -> list[tuple[list[float], str]]:
         if len(regions) == 1:
             return [(regions[0]["box"], regions[0]["text"])]
         return [(r["box"], f"{i + 1}. {r['text']}") for i, r in enumerate(regions)]
-    if task == "caption":
-        return []
+    if task == "caption":  # a grounded caption: each phrase's box, labelled with the phrase
+        return [(p["box"], p["text"]) for p in result.get("phrases") or () if p["box"] is not None]
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 
@@ -90,8 +91,10 @@ def annotate(image: Image.Image, task: str, result: dict) -> Image.Image:
     tags: list[tuple[int, int, int, int]] = []
     for px, label, fill in placed:  # labels after every box, so no outline crosses a label
         tags.append(_label(draw, px, label, fill, size, w, h, tags))
-    if task == "caption":
-        return _caption_band(im, result["caption"], size)
+    if task == "caption":  # phrases written in their boxes' colours
+        boxed = [p for p in result.get("phrases") or () if p["box"] is not None]
+        return _caption_band(im, result["caption"], size,
+                             [(*p["span"], colour(i)) for i, p in enumerate(boxed)])
     return im
 
 
@@ -122,7 +125,9 @@ def _ink(fill) -> tuple[int, int, int]:
     return (0, 0, 0) if 0.2126 * r + 0.7152 * g + 0.0722 * b > 140 else (255, 255, 255)
 
 
-def _caption_band(im: Image.Image, text: str, size: int) -> Image.Image:
+def _caption_band(im: Image.Image, text: str, size: int, spans=()) -> Image.Image:
+    """The caption under the image, wrapped at words; a word inside one of `spans` ((start, end, colour),
+    character offsets) is written in that colour."""
     f = font(size)
     pad = max(4, size // 3)
     probe = ImageDraw.Draw(im)
@@ -131,21 +136,25 @@ def _caption_band(im: Image.Image, text: str, size: int) -> Image.Image:
     out = Image.new("RGB", (im.width, im.height + len(lines) * line_h + 2 * pad), (255, 255, 255))
     out.paste(im, (0, 0))
     draw = ImageDraw.Draw(out)
-    for k, ln in enumerate(lines):
-        draw.text((pad, im.height + pad + k * line_h), ln, font=f, fill=(0, 0, 0))
+    space = draw.textlength(" ", font=f)
+    for k, line in enumerate(lines):
+        x = pad
+        for start, word in line:
+            ink = next((c for a, b, c in spans if a <= start < b), (0, 0, 0))
+            draw.text((x, im.height + pad + k * line_h), word, font=f, fill=ink)
+            x += draw.textlength(word, font=f) + space
     return out
 
 
-def _wrap(draw: ImageDraw.ImageDraw, text: str, f, width: int) -> list[str]:
-    lines, cur = [], ""
-    for word in text.split():
-        trial = f"{cur} {word}".strip()
-        if cur and draw.textlength(trial, font=f) > width:
-            lines.append(cur)
-            cur = word
-        else:
-            cur = trial
-    return [*lines, cur] if cur or not lines else lines
+def _wrap(draw: ImageDraw.ImageDraw, text: str, f, width: int) -> list[list[tuple[int, str]]]:
+    """Lines of (offset, word) that fit in `width`; a word too long for a line has one of its own."""
+    lines: list[list[tuple[int, str]]] = [[]]
+    for m in re.finditer(r"\S+", text):
+        trial = " ".join(w for _, w in lines[-1] + [(m.start(), m.group())])
+        if lines[-1] and draw.textlength(trial, font=f) > width:
+            lines.append([])
+        lines[-1].append((m.start(), m.group()))
+    return lines
 
 
 def to_png(image: Image.Image, task: str | None = None, result: dict | None = None) -> bytes:

@@ -166,10 +166,11 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         return JSONResponse({"error": {"code": code, "message": str(e.detail)}}, status_code=e.status_code)
 
     @app.post("/v1/caption", response_model=api.CaptionResponse, responses={**ERRORS, **PNG},
-              openapi_extra=body_doc(api.CaptionRequest), summary="Caption an image")
+              openapi_extra=body_doc(api.CaptionRequest), response_model_exclude_none=True,
+              summary="Caption an image; with grounded, also the box of each object phrase")
     async def caption(request: Request):
         p, image = await read_request(request, api.CaptionRequest, api.CaptionParams, limit)
-        work = engine.caption(image, p.max_new_tokens, client_timeout(request))
+        work = engine.caption(image, p.max_new_tokens, client_timeout(request), p.grounded)
         return await answer(request, p, image, "caption", work)
 
     @app.post("/v1/refer", response_model=api.ReferResponse, responses={**ERRORS, **PNG},
@@ -181,7 +182,7 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
 
     @app.post("/v1/ground", response_model=api.GroundResponse, responses={**ERRORS, **PNG},
               openapi_extra=body_doc(api.GroundRequest),
-              summary="Describe a box, or propose regions and describe them")
+              summary="Describe a box, or find every object: boxes and descriptions")
     async def ground(request: Request):
         p, image = await read_request(request, api.GroundRequest, api.GroundParams, limit)
         work = engine.ground(image, p.box, p.max_regions, client_timeout(request))

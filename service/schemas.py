@@ -13,12 +13,12 @@ import json
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 
 from .errors import BadImage
 
 MAX_NEW_TOKENS = 512         # the model's positions clip it further (48 for `tiny`)
-MAX_REGIONS = 32
+MAX_REGIONS = 32             # the most regions one /ground answer may ask for (and the default)
 MAX_EXPRESSION_CHARS = 256
 
 
@@ -43,19 +43,34 @@ IMAGE_DOC = ("the image, base64-encoded (a `data:image/...;base64,` prefix is ac
 class CaptionParams(BaseModel):
     max_new_tokens: Count | None = Field(None, ge=1, le=MAX_NEW_TOKENS,
                                        description="token budget of the caption (default: the server's, 32)")
+    grounded: bool = Field(False, description="also link each object phrase of the caption to its box "
+                           "(`phrases`: text, character span, box); in a form: true or false")
     render: Render = None
+
+
+def _no_grounded(data):
+    """`grounded` belongs to /v1/caption: a refer or ground request that sets it would silently lose it."""
+    if isinstance(data, dict) and "grounded" in data:
+        raise ValueError("`grounded` is a /v1/caption field: a grounded caption is asked of /v1/caption")
+    return data
 
 
 class ReferParams(BaseModel):
     expression: str = Field(max_length=MAX_EXPRESSION_CHARS, description="a referring expression (non-empty)")
     render: Render = None
 
+    _no_grounded = model_validator(mode="before")(_no_grounded)
+
 
 class GroundParams(BaseModel):
     box: Box | None = Field(None, description="a box to describe; without one, the model proposes regions. In "
                             "a form: JSON text `[x0,y0,x1,y1]` or `x0,y0,x1,y1`")
-    max_regions: Count = Field(5, ge=1, le=MAX_REGIONS, description="most regions proposed (without a box)")
+    max_regions: Count = Field(MAX_REGIONS, ge=1, le=MAX_REGIONS, description=(
+        "without a box: the most regions answered (every object found, best first, up to this many; "
+        f"1-{MAX_REGIONS}, default {MAX_REGIONS})"))
     render: Render = None
+
+    _no_grounded = model_validator(mode="before")(_no_grounded)
 
     @field_validator("box", mode="before")
     @classmethod
@@ -86,9 +101,19 @@ class GroundRequest(GroundParams):
     image: str = Field(description=IMAGE_DOC)
 
 
+class Phrase(BaseModel):
+    text: str = Field(description="an object phrase of the caption, e.g. `large red circle`")
+    span: list[int] = Field(min_length=2, max_length=2, description="[start, end) character offsets of `text` "
+                            "in `caption` (Unicode code points)")
+    box: Box | None = Field(description="the object's box, or null when no region found was its")
+    score: float | None = Field(description="mean log-probability of the region's generated tokens")
+
+
 class CaptionResponse(BaseModel):
     caption: str
     score: float = Field(description="mean log-probability of the generated tokens")
+    phrases: list[Phrase] | None = Field(None, description="with `grounded`: the caption's object phrases, "
+                                         "in order, each with its box")
 
 
 class ReferResponse(BaseModel):

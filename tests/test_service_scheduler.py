@@ -150,17 +150,18 @@ def test_aborted_and_late_jobs_leave_the_batch(predictor, scenes):
     sched.add(job_of(0, asks[0], scenes, tasker, size))
     sched.add(job_of(1, asks[1], scenes, tasker, size))
     sched.add(job_of(2, asks[2], scenes, tasker, size, deadline=5.0))
-    done = {}
+    done, proposal = {}, sched.waiting[1]
     for step in range(100):
         if step == 3:
-            assert sched.abort(1) is not None  # the proposal's 8 rows go
+            assert sched.abort(1) is not None  # the proposal's rows go
         for job in sched.expire(float(step)):
             assert job.id == 2 and step == 5
         batch = sched.schedule(float(step))
         if batch is None:
             break
         if isinstance(batch, Decode):
-            assert len(batch.src) == (1 + 8 + 1 if step < 3 else 1 + 1 if step < 5 else 1)
+            rows = len(proposal.search.src)  # the corners it is following: several, once it has branched
+            assert rows > 1 and len(batch.src) == (1 + rows + 1 if step < 3 else 1 + 1 if step < 5 else 1)
         for job in sched.postprocess(batch, runner(batch)):
             done[job.id] = tasker.answer(tasks[job.id], job.search)
     assert list(done) == [0]
@@ -171,14 +172,15 @@ def test_aborted_and_late_jobs_leave_the_batch(predictor, scenes):
 
 def test_batching_policy(predictor, scenes):
     tasker, size = Tasker(predictor), predictor.image_size
-    sched = Scheduler(max_batch=2, max_wait=1.0, max_rows=9)
+    rows = predictor.region_options.max_rows  # a proposal's budget of rows
+    sched = Scheduler(max_batch=2, max_wait=1.0, max_rows=rows + 1)
     sched.add(job_of(0, Ask(0, "caption"), scenes, tasker, size, now=0.0))
     assert sched.schedule(0.5) is None, "waits up to max_wait for company"
     assert sched.next_wakeup(0.5) == pytest.approx(0.5)
     batch = sched.schedule(1.0)
     assert isinstance(batch, Prefill) and [j.id for j in batch.jobs] == [0] and batch.base == 0
     sched.postprocess(batch, Runner(predictor.inference, predictor.tasks.tok.pad_id)(batch))
-    # a full batch goes at once; a proposal (8 rows) waits while the caption holds 1 of 9 rows... then fits
+    # a full batch goes at once; a proposal (32 rows) waits while the caption holds 1 of 33 rows
     for k in (1, 2):
         sched.add(job_of(k, Ask(1, "caption"), scenes, tasker, size, now=2.0))
     sched.add(job_of(3, Ask(1, "propose"), scenes, tasker, size, now=2.0))
@@ -186,9 +188,9 @@ def test_batching_policy(predictor, scenes):
     assert isinstance(batch, Prefill) and [j.id for j in batch.jobs] == [1, 2]
     assert batch.base == 1
     sched.postprocess(batch, np.zeros((2, predictor.tasks.tok.vocab_size), np.float32))
-    assert isinstance(sched.schedule(9.0), Decode), "no room for 8 more rows next to 3 running ones"
+    assert isinstance(sched.schedule(9.0), Decode), "no room for 32 more rows next to 3 running ones"
     with pytest.raises(ValueError):
-        Scheduler(max_rows=4).add(job_of(9, Ask(0, "propose"), scenes, tasker, size))
+        Scheduler(max_rows=rows - 1).add(job_of(9, Ask(0, "propose"), scenes, tasker, size))
 
 
 def test_short_jobs_go_first_and_long_ones_wait_at_most_max_defer(predictor, scenes):

@@ -57,10 +57,11 @@ function setFile(f) {
 function request(render) {
   const t = task(), body = new FormData();
   body.append("image", file, file.name);
+  if (t === "caption" && $("grounded").checked) body.append("grounded", "true");
   if (t === "refer") body.append("expression", $("expression").value);
   if (t === "ground") {
     if ($("box").value.trim()) body.append("box", $("box").value.trim());
-    body.append("max_regions", $("max_regions").value || "5");
+    body.append("max_regions", $("max_regions").value || "32");
   }
   return fetch(`/v1/${t}${render ? "?render=png" : ""}`, { method: "POST", body, headers: auth() });
 }
@@ -88,7 +89,26 @@ function labelled(t, answer) {
     const rs = answer.regions;
     return rs.map((r, i) => [r.box, rs.length === 1 ? r.text : `${i + 1}. ${r.text}`]);
   }
-  return [];
+  return boxedPhrases(answer).map((p) => [p.box, p.text]);  // a grounded caption's phrases
+}
+
+function boxedPhrases(answer) { return (answer.phrases || []).filter((p) => p.box); }
+
+// The caption, each boxed phrase in its box's colour (as service/render.py's caption band).
+function showCaption(answer) {
+  const text = answer.caption, out = [];
+  let at = 0;
+  boxedPhrases(answer).forEach((p, i) => {
+    const [a, b] = p.span, span = document.createElement("span");
+    out.push(text.slice(at, a));
+    span.className = "phrase";
+    span.textContent = text.slice(a, b);
+    span.style.color = PALETTE[i % PALETTE.length];
+    out.push(span);
+    at = b;
+  });
+  out.push(text.slice(at));
+  $("caption").replaceChildren(...out);
 }
 
 function draw(t, answer) {
@@ -109,7 +129,7 @@ function draw(t, answer) {
     el.append(tag);
     return el;
   }));
-  $("caption").textContent = t === "caption" ? answer.caption : "";
+  if (t === "caption") showCaption(answer); else $("caption").textContent = "";
 }
 
 async function run(event) {
