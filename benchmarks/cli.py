@@ -10,7 +10,8 @@ Sections (each prints its progress; the table at the end says which goals of iss
      greedy with its KV cache, against our engine (ONNX Runtime, PyTorch; fp32, int8, bf16), the same number
      of new tokens, batch 1 and 32; and the refer accuracy each of our variants keeps (held-out scenes)
   2. serving: `locca serve` against a plain FastAPI app calling generate() per request, caption requests at
-     1, 8, 32 and 64 concurrent clients: throughput, p50 and p99 latency
+     1, 8, 32 and 64 concurrent clients: throughput, p50 and p99 latency; and /v1/ground without a box (every
+     object) against /v1/caption on the same scenes, one client (issue 16)
   3. continuous vs static batching: refer latency among long captions, against an idle worker
   4. the limit: measured peak matrix-multiply rate, analytic model FLOPs (benchmarks/flops.py), the encoder's
      and the whole request's model FLOPs utilisation
@@ -219,4 +220,21 @@ def serve(cfg: BenchConfig, model: str, device: str, threads: int, pool, mcfg, t
                 out[name] += serving.sweep(server.url, reqs, [level], cfg.window_s, probe=probe)
                 r = out[name][-1]
                 say(f"2. {name}, {level} clients: {r['throughput']:.1f} req/s, p50 {r['p50_ms']:.0f} ms")
+        out["ground"] = ground_vs_caption(o.url, ours_req, cfg.window_s, cfg.rounds)
     return out
+
+
+def ground_vs_caption(url: str, captions: list, window: float, rounds: int) -> dict:
+    """/v1/ground without a box (every object, its region search beside a caption) against /v1/caption, one
+    client, the same scenes, taking turns `rounds` times; p50 of each over all its turns."""
+    from . import serving
+    grounds = [(files, {}) for files, _ in captions]
+    lat: dict[str, list[float]] = {"caption": [], "ground": []}
+    for k in range(rounds):
+        turns = [("caption", "/v1/caption", captions), ("ground", "/v1/ground", grounds)]
+        for name, path, reqs in turns if k % 2 == 0 else turns[::-1]:
+            lat[name].append(serving.sweep(url, reqs, [1], window / 2, path=path)[0]["p50_ms"])
+    out = {k: float(np.median(v)) for k, v in lat.items()}
+    say(f"2. one client: ground (every object) p50 {out['ground']:.0f} ms, caption p50 {out['caption']:.0f} ms")
+    return {"caption_p50_ms": out["caption"], "ground_p50_ms": out["ground"],
+            "ratio": out["ground"] / out["caption"], "rounds": rounds}

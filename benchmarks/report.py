@@ -36,6 +36,9 @@ def goals(res: dict) -> list[dict]:
         level = min((r["clients"] for r in s["ours"]), key=lambda c: abs(c - 32))
         x = _at(s["ours"], level)["throughput"] / _at(s["naive"], level)["throughput"]
         goal(f"2. serving throughput at {level} clients: ours / naive", ">= 4", x, x >= 4)
+        if "ground" in s:  # issue 16
+            g = s["ground"]
+            goal("2. /v1/ground (every object) p50 / /v1/caption p50, 1 client", "<= 3", g["ratio"], g["ratio"] <= 3)
     if "batching" in res:
         x = res["batching"]["continuous_over_idle"]
         goal("3. refer p50 under mixed load / idle (continuous batching)", "<= 2", x, x <= 2)
@@ -96,6 +99,10 @@ def table(res: dict) -> str:
                          f"{o['throughput'] / n['throughput']:>7.2f}   "
                          + (f"{b['prefill_images'] / max(b['prefills'], 1):.1f}, "
                             f"{b['decode_rows'] / max(b['decode_steps'], 1):.1f}" if b else ""))
+        if "ground" in s:
+            g = s["ground"]
+            lines.append(f"   one client, same scenes: /v1/ground without a box (every object) p50 {g['ground_p50_ms']:.0f}"
+                         f" ms, /v1/caption p50 {g['caption_p50_ms']:.0f} ms: {g['ratio']:.2f}x")
     if "batching" in res:
         b = res["batching"]
         policies = [p for p in POLICIES if p in b]  # "arrival": runs since 2026-11-30

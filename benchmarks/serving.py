@@ -24,7 +24,8 @@ from service.launch import ROOT, ServerProcess, free_port, launch
 WARM_LIMIT_S = 300.0  # a level whose clients cannot all get one answer in this long is an error
 
 
-async def _closed_loop(url: str, requests: list[tuple[dict, dict]], clients: int, window: float) -> dict:
+async def _closed_loop(url: str, requests: list[tuple[dict, dict]], clients: int, window: float,
+                       path: str = "/v1/caption") -> dict:
     records: list[tuple[float, float]] = []
     answered: set[int] = set()
     phase: dict[str, float] = {}
@@ -37,7 +38,7 @@ async def _closed_loop(url: str, requests: list[tuple[dict, dict]], clients: int
                 files, data = requests[k % len(requests)]
                 k += clients
                 start = time.perf_counter()
-                r = await http.post("/v1/caption", files=files, data=data)
+                r = await http.post(path, files=files, data=data)
                 if r.status_code != 200:
                     raise RuntimeError(f"{url}: {r.status_code} {r.text[:300]}")
                 end = time.perf_counter()
@@ -54,13 +55,14 @@ async def _closed_loop(url: str, requests: list[tuple[dict, dict]], clients: int
             "p50_ms": 1e3 * float(np.percentile(lat, 50)), "p99_ms": 1e3 * float(np.percentile(lat, 99))}
 
 
-def sweep(url: str, requests: list[tuple[dict, dict]], levels, window: float, probe=None) -> list[dict]:
+def sweep(url: str, requests: list[tuple[dict, dict]], levels, window: float, probe=None,
+          path: str = "/v1/caption") -> list[dict]:
     """One closed loop per level. probe: a callable returning counters of the server (dict of floats); each
-    row gets their change over its level under "server"."""
+    row gets their change over its level under "server". path: the endpoint the requests are posted to."""
     rows = []
     for c in levels:
         before = probe() if probe else {}
-        rows.append(asyncio.run(_closed_loop(url, requests, c, window)))
+        rows.append(asyncio.run(_closed_loop(url, requests, c, window, path)))
         if probe:
             rows[-1]["server"] = {k: v - before[k] for k, v in probe().items()}
     return rows

@@ -281,8 +281,13 @@ class OnnxInference:
         idx = np.asarray(rows, dtype=np.int64)
         if len(idx) == state.rows and (idx == np.arange(len(idx))).all():
             return  # every row in place (greedy search while all sequences run): nothing to move
-        if state.rows_buffer is not None and len(idx) <= state.capacity:  # arrays with spare rows (CPU merge)
+        if state.rows_buffer is not None and len(idx) <= state.capacity:  # arrays with spare rows (CPU)
             new = OrtState.of(_Host.take_in_place(state.rows_buffer, state.tensors(), idx), state.rows_buffer)
+        elif isinstance(self.mem, _Host):  # into new arrays with room to spare, so the next selects fit in place
+            buffer = [np.empty((_room(len(idx)), *x.shape[1:]), x.dtype) for x in state.tensors()]
+            for buf, x in zip(buffer, state.tensors(), strict=True):
+                np.take(x, idx, axis=0, out=buf[:len(idx)])
+            new = OrtState.of([buf[:len(idx)] for buf in buffer], buffer)
         else:
             new = OrtState.of(self.mem.take(state.tensors(), idx))
         state.cache_k, state.cache_v, state.cross_k, state.cross_v = new.cache_k, new.cache_v, new.cross_k, new.cross_v
@@ -298,13 +303,17 @@ class OnnxInference:
         n, m = a.rows, b.rows
         buffer = a.rows_buffer
         if buffer is None or a.capacity < n + m:
-            cap = 1 << max(3, (2 * (n + m) - 1).bit_length())
-            buffer = [np.empty((cap, *x.shape[1:]), x.dtype) for x in a.tensors()]
+            buffer = [np.empty((_room(n + m), *x.shape[1:]), x.dtype) for x in a.tensors()]
             for buf, x in zip(buffer, a.tensors(), strict=True):
                 buf[:n] = x
         for buf, x in zip(buffer, b.tensors(), strict=True):
             buf[n:n + m] = x
         return OrtState.of([buf[:n + m] for buf in buffer], buffer)
+
+
+def _room(rows: int) -> int:
+    """Rows to allocate for `rows`: twice as many, a power of two, at least 8 (amortised growth)."""
+    return 1 << max(3, (2 * rows - 1).bit_length())
 
 
 class _Host:

@@ -14,8 +14,8 @@ from PIL import Image
 
 from .decoding import BeamSearch, DecodingOptions, Grammar, Hypothesis, Query, budget_for, run
 from .image import preprocess
-from .phrases import link, object_phrases
-from .regions import GroundedCaption, RegionOptions, RegionSearch, iou  # noqa: F401 (iou: the callers')
+from .phrases import link, name_twins, object_phrases
+from .regions import GroundedCaption, RegionOptions, RegionSearch, iou, public  # noqa: F401 (iou: the callers')
 from .tasks import Tasks
 
 DEFAULT_REGIONS = 32   # most regions /ground answers unless asked for fewer: more than a scene holds
@@ -60,14 +60,18 @@ class Predictor:
         S = self.inference.cfg.max_seq_len
         query = self.query(ask, size)
         budget = budget_for(query, self.options, S)
-        if ask.task == "propose":
+        if ask.task == "propose" and not self.region_options.twins:
             return RegionSearch(query, budget, self.grammar, self.tasks, S, self.region_options)
-        caption = BeamSearch(query, budget, self.options.beam_size, self.grammar, self.options.length_penalty)
+        if ask.task == "propose":  # a caption beside the regions names twins (model/phrases.py name_twins)
+            query = Query(ask.image, "caption", tuple(self.tasks.caption_prompt()))
+            ask = Ask(ask.image, "grounded")
+        search = BeamSearch(query, budget_for(query, self.options, S), self.options.beam_size, self.grammar,
+                            self.options.length_penalty)
         if ask.task == "grounded":
             regions = Query(ask.image, "propose", tuple(self.tasks.propose_prompt()))
-            return GroundedCaption(caption, RegionSearch(regions, budget_for(regions, self.options, S),
-                                                         self.grammar, self.tasks, S, self.region_options))
-        return caption
+            return GroundedCaption(search, RegionSearch(regions, budget_for(regions, self.options, S),
+                                                        self.grammar, self.tasks, S, self.region_options))
+        return search
 
     def run(self, images: Sequence[Image.Image], asks: Sequence[Ask]) -> list[dict]:
         """Answer every ask; images are encoded once. Returns one dict per ask, in order."""
@@ -80,13 +84,17 @@ class Predictor:
     def answer(self, ask: Ask, search, size) -> dict:
         """A finished search's answer: {"regions"} for propose; {"text", "score", "phrases"} for grounded
         (phrases: text, span, and box or None); {"box" and/or "text", "score"} otherwise."""
+        if ask.task == "propose" and isinstance(search, GroundedCaption):
+            caption = self.tasks.parse("caption", search.caption.best(1)[0].tokens, *size)["text"]
+            found = name_twins(caption, search.region_search.candidates(*size), size[0])
+            return {"regions": [public(r) for r in found][: ask.max_regions]}
         if ask.task == "propose":
             return {"regions": search.regions(*size, ask.max_regions)}
         caption = search.caption if ask.task == "grounded" else search
         h: Hypothesis = caption.best(1)[0]
         out = {**self.tasks.parse(caption.query.task, h.tokens, *size), "score": h.mean_logprob}
-        if ask.task == "grounded":
-            regions = search.region_search.regions(*size, DEFAULT_REGIONS)
+        if ask.task == "grounded":  # every region found may be a phrase's, the listener's verdict aside
+            regions = search.region_search.candidates(*size)
             spans = object_phrases(out["text"])
             texts = [out["text"][a:b] for a, b in spans]
             out["phrases"] = [{"text": t, "span": [a, b], "box": None if k is None else regions[k]["box"],

@@ -42,6 +42,7 @@ class RegionOptions:
     max_rows: int = 32            # most rows at once (corners kept by joint probability)
     listen: bool = True           # keep only regions whose text the model's ARef resolves back to their box
     agree_iou: float = 0.5        # ... with at least this IoU
+    twins: bool = True            # caption the image beside, and name the twins it lists (model/phrases.py)
 
     def __post_init__(self):
         if not (0 < self.min_y_prob < 1 and 0 < self.min_x_prob < 1):
@@ -106,6 +107,7 @@ class RegionSearch:
         self.branches = [Branch(prompt, len(prompt), len(prompt), GrammarState(GRAMMARS["propose"], budget))]
         self.found: list[Region] = []
         self.done_rows: list[Branch] = []       # proposing rows that wrote a box and a text
+        self.same_text: dict[int, list[int]] = {}  # listening: a region -> the regions with its text
         self.rows: list[int] = []
         self.src: list[int] = []
         self.started = self.listening = self.done = False
@@ -122,11 +124,14 @@ class RegionSearch:
                 b.cached += 1
         self.started = True
         nxt: list[tuple[int, Branch]] = []    # (row of `logits` it continues, branch)
-        for row, b in zip(self.rows, self.branches, strict=False):
-            if b.cached < len(b.ids):         # still feeding its prompt: these logits are not for it
+        rows = self.rows[: len(self.branches)]
+        fed = [k for k, b in enumerate(self.branches) if b.cached == len(b.ids)]
+        logps = dict(zip(fed, log_softmax(logits[[rows[k] for k in fed]]), strict=True)) if fed else {}
+        for k, (row, b) in enumerate(zip(rows, self.branches, strict=True)):
+            if k not in logps:                # still feeding its prompt: these logits are not for it
                 nxt.append((row, b))
                 continue
-            logp = log_softmax(logits[row])
+            logp = logps[k]
             if not self.listening and b.state.phase == 0 and b.state.count < 2:  # a corner: branch
                 nxt += [(row, c) for c in self._branch(logp, b)]
                 continue
@@ -137,7 +142,8 @@ class RegionSearch:
                 b.state.advance(t, self.tok)
                 nxt.append((row, b))
             elif self.listening:
-                self.found[b.group].listened = b.generated[:4]
+                for i in self.same_text[b.group]:
+                    self.found[i].listened = b.generated[:4]
             elif len(b.generated) >= 7 and b.generated[4] == self.tok.sep_id:
                 self.done_rows.append(b)
         if not self.listening:
@@ -193,34 +199,40 @@ class RegionSearch:
         return out[: self.options.max_rows]
 
     def _groups(self) -> list[Region]:
-        """One region per text: the medoid of its rows' boxes, weighted by their corners' probabilities."""
+        """Rows -> regions: rows with the same text whose boxes overlap (a chain of overlaps) found one object;
+        its box is the medoid of theirs, weighted by their corners' probabilities. Two such clusters with one
+        text (twins described alike, or a stray corner) stay two regions; the listener tells them apart."""
         by_text: dict[tuple[int, ...], list[Branch]] = {}
         for b in self.done_rows:
             by_text.setdefault(tuple(b.generated[5:-1]), []).append(b)
         regions = []
         for group in by_text.values():
             boxes = [self._norm(b.generated[:4]) for b in group]
-            w = np.exp([b.lead for b in group])
-            best = max(range(len(group)), key=lambda i: sum(wj * iou(boxes[i], bj)
-                                                              for wj, bj in zip(w, boxes, strict=True)))
-            b = group[best]
-            regions.append(Region(b.generated[:-1], float(np.mean(b.lps)), float(w.sum())))
+            for cluster in _overlapping(boxes):
+                w = {i: float(np.exp(group[i].lead)) for i in cluster}
+                best = max(cluster, key=lambda i: sum(w[j] * iou(boxes[i], boxes[j]) for j in cluster))
+                b = group[best]
+                regions.append(Region(b.generated[:-1], float(np.mean(b.lps)), sum(w.values())))
         return sorted(regions, key=lambda r: -r.score)
 
     def _listeners(self, row: int) -> list[tuple[int, Branch]]:
-        """Group the finished rows into regions, then (options.listen) one ARef row per region, in `row`
-        (any row of this image: the listener's prompt overwrites its cache from slot 0)."""
+        """Group the finished rows into regions, then (options.listen) one ARef row per distinct text, in
+        `row` (any row of this image: the listener's prompt overwrites its cache from slot 0)."""
         self.found = self._groups()
         if not self.options.listen:
             return []
         self.listening = True
-        out = []
+        out, texts = [], {}
         for i, r in enumerate(self.found):
-            prompt = self.tasks.refer_prompt(self.tok.decode(r.tokens[5:]).strip())
+            texts.setdefault(tuple(r.tokens[5:]), []).append(i)
+        for text, members in texts.items():
+            prompt = self.tasks.refer_prompt(self.tok.decode(list(text)).strip())
             budget = self.seq_len - len(prompt)
             if budget < MIN_LISTEN_TOKENS:
-                continue                      # no room to listen: the region stays unchecked
-            out.append((row, Branch(prompt, len(prompt), 0, GrammarState(GRAMMARS["refer"], budget), group=i)))
+                continue                      # no room to listen: the regions stay unchecked
+            out.append((row, Branch(prompt, len(prompt), 0, GrammarState(GRAMMARS["refer"], budget),
+                                    group=members[0])))
+            self.same_text[members[0]] = members
         return out
 
     def _norm(self, locs: list[int]) -> list[float]:
@@ -228,17 +240,43 @@ class RegionSearch:
         return self.tasks.codec.decode(locs, 1.0, 1.0)
 
     # --- the answer ------------------------------------------------------------------------------------
+    def agrees(self, r: Region) -> bool:
+        """The listener put r's text on r's box (or did not listen)."""
+        return r.listened is None or iou(self._norm(r.tokens[:4]), self._norm(r.listened)) >= self.options.agree_iou
+
+    def candidates(self, width: float, height: float) -> list[dict]:
+        """Every region found, best first, in pixels, with `agrees` (the listener's verdict)."""
+        return [{**self.tasks.parse("propose", r.tokens, width, height), "score": r.score,
+                 "agrees": self.agrees(r), "weight": r.weight} for r in self.found]
+
     def regions(self, width: float, height: float, max_regions: int) -> list[dict]:
         """The regions found, best first: box (pixels), text, score; those the listener disowned left out."""
-        out = []
-        for r in self.found:
-            if r.listened is not None and \
-                    iou(self._norm(r.tokens[:4]), self._norm(r.listened)) < self.options.agree_iou:
-                continue
-            out.append({**self.tasks.parse("propose", r.tokens, width, height), "score": r.score})
-            if len(out) == max_regions:
-                break
-        return out
+        return [public(r) for r in self.candidates(width, height) if r["agrees"]][:max_regions]
+
+
+def public(region: dict) -> dict:
+    """A region as answered: box, text, score."""
+    return {k: region[k] for k in ("box", "text", "score")}
+
+
+def _overlapping(boxes: list[list[float]]) -> list[list[int]]:
+    """Indices of `boxes` in clusters: two boxes that overlap at all are in one cluster (single linkage)."""
+    parent = list(range(len(boxes)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(boxes)):
+        for j in range(i):
+            if iou(boxes[i], boxes[j]) > 0:
+                parent[root(i)] = root(j)
+    clusters: dict[int, list[int]] = {}
+    for i in range(len(boxes)):
+        clusters.setdefault(root(i), []).append(i)
+    return list(clusters.values())
 
 
 MIN_LISTEN_TOKENS = 5  # four corners and <eos>

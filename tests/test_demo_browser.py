@@ -82,8 +82,10 @@ def drop(browser, image: Path) -> None:
         }""", base64.b64encode(image.read_bytes()).decode(), image.name)
 
 
-def ask(browser, server, image: Path, task: str, expression: str = "", dropped: bool = False) -> dict:
-    """Load the page, upload (or drop) `image`, choose `task`, run it; -> the JSON the page shows."""
+def ask(browser, server, image: Path, task: str, expression: str = "", dropped: bool = False,
+        grounded: bool = False) -> dict:
+    """Load the page, upload (or drop) `image`, choose `task` (a caption grounded or not), run it; -> the JSON
+    the page shows."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -94,6 +96,9 @@ def ask(browser, server, image: Path, task: str, expression: str = "", dropped: 
     else:
         browser.find_element(By.ID, "file").send_keys(str(image))
     browser.find_element(By.CSS_SELECTOR, f"input[name=task][value={task}]").click()
+    box = browser.find_element(By.ID, "grounded")
+    if task == "caption" and box.is_selected() != grounded:
+        box.click()
     if expression:
         field = browser.find_element(By.ID, "expression")
         field.clear()
@@ -171,6 +176,35 @@ def test_ground_regions_and_exif_rotated_upload(browser, server, tmp_path):
         got = [box["left"], box["top"], box["right"], box["bottom"]]
         assert got == pytest.approx(expected_rect(img, region["box"]), abs=1.0)
         assert box["colour"] == "rgb({}, {}, {})".format(*render.colour(i))
+
+
+def test_grounded_caption_phrases_are_drawn_where_the_api_puts_them(browser, server, tmp_path):
+    """Each object phrase of a grounded caption: its box drawn on the image, labelled with the phrase, and the
+    phrase written in the caption in its box's colour."""
+    from selenium.webdriver.common.by import By
+
+    scene = generate_scene(2)
+    path = tmp_path / "scene.png"
+    scene.image.save(path)
+    shown = ask(browser, server, path, "caption", grounded=True)
+    api = httpx.post(server.url + "/v1/caption", files={"image": path.read_bytes()}, data={"grounded": "true"},
+                     timeout=30).json()
+    assert shown["caption"] == api["caption"] and [p["text"] for p in shown["phrases"]] == \
+        [p["text"] for p in api["phrases"]]
+    boxed = [p for p in api["phrases"] if p["box"] is not None]
+    assert boxed, "the bundled model grounds the phrases of a scene it captions"
+    img, boxes = drawn_boxes(browser)
+    assert len(boxes) == len(boxed)
+    for i, (box, phrase) in enumerate(zip(boxes, boxed, strict=True)):
+        got = [box["left"], box["top"], box["right"], box["bottom"]]
+        assert got == pytest.approx(expected_rect(img, phrase["box"]), abs=1.0)
+        assert box["colour"] == "rgb({}, {}, {})".format(*render.colour(i)) and box["label"] == phrase["text"]
+    spans = browser.find_elements(By.CSS_SELECTOR, "#caption .phrase")
+    assert [e.text for e in spans] == [p["text"] for p in boxed]
+    assert [e.value_of_css_property("color") for e in spans] == \
+        ["rgba({}, {}, {}, 1)".format(*render.colour(i)) for i in range(len(boxed))]
+    assert browser.find_element(By.ID, "caption").text == api["caption"]
+    assert_no_console_errors(browser)
 
 
 def test_dropped_image_caption_and_an_error_are_shown(browser, server, tmp_path):

@@ -74,7 +74,8 @@ def test_url_mode_gives_the_local_answer(capsys, scene_png, tmp_path, bundled_se
     image = images.decode(path.read_bytes(), predict_cli.LOCAL_LIMITS)
     here = predict_cli.load_predictor(MODEL)  # what the local mode runs (predict_cli.local)
     asks = [("refer", ("--expression", scene.expressions[1]), {"expression": scene.expressions[1]}),
-            ("caption", (), {}), ("ground", ("--max-regions", 2), {"max_regions": 2})]
+            ("caption", (), {}), ("ground", ("--max-regions", 2), {"max_regions": 2}),
+            ("caption", ("--grounded",), {"grounded": True})]
     for task, flags, kw in asks:
         code, there, err = predict(capsys, path, "--task", task, *flags, "--url", bundled_server.url,
                                    "--out", tmp_path / f"{task}.png")
@@ -84,12 +85,15 @@ def test_url_mode_gives_the_local_answer(capsys, scene_png, tmp_path, bundled_se
             assert there["box"] == pytest.approx(local["box"]) and there["expression"] == local["expression"]
         elif task == "caption":
             assert there["caption"] == local["caption"] and there["score"] == pytest.approx(local["score"], abs=1e-3)
+            assert ("phrases" in there) == ("phrases" in local) == bool(kw)
+            for a, b in zip(there.get("phrases", []), local.get("phrases", []), strict=True):
+                assert a["text"] == b["text"] and a["span"] == b["span"] and a["box"] == pytest.approx(b["box"])
         else:
             assert len(there["regions"]) == len(local["regions"]) and there["regions"]
             assert [r["text"] for r in there["regions"]] == [r["text"] for r in local["regions"]]
             for a, b in zip(there["regions"], local["regions"], strict=True):
                 assert a["box"] == pytest.approx(b["box"])
-        drawn = Image.open(tmp_path / f"{task}.png")  # drawn from the server's answer
+        drawn = Image.open(tmp_path / f"{task}.png")  # drawn from the server's answer (the last of a task)
         assert json.loads(drawn.text["locca:result"]) == there
     code, _, err = predict(capsys, path, "--task", "ground", "--box", "0,0,0,0", "--url", bundled_server.url)
     assert code == 2 and "bad_box" in err  # the server's error, passed on
@@ -98,14 +102,17 @@ def test_url_mode_gives_the_local_answer(capsys, scene_png, tmp_path, bundled_se
 def test_eval_over_rest_scores_what_the_model_answers_in_process(bundled_server, tmp_path):
     """`locca eval --url`: the same scenes through the server's REST API score as `locca eval CHECKPOINT`."""
     from locca.cli import main
-    from model.evaluate import evaluate, heldout_scenes
+    from model.evaluate import evaluate, evaluate_crowded, heldout_scenes
 
     out = tmp_path / "rest.json"
-    assert main(["eval", "--url", bundled_server.url, "--scenes", "3", "--offset", "5000", "--json", str(out)]) == 0
+    assert main(["eval", "--url", bundled_server.url, "--scenes", "3", "--offset", "5000", "--crowded", "2",
+                 "--json", str(out)]) == 0
     rest = json.loads(out.read_text())
     here = predict_cli.load_predictor(MODEL)
     local = evaluate(here.inference, here.tasks, heldout_scenes(3, 5000), progress=False)
-    for k in ("refer_acc50", "caption_exact", "describe_exact", "proposal_precision", "proposals_per_scene"):
+    local |= evaluate_crowded(here.inference, here.tasks, heldout_scenes(2, 5000, count=8), progress=False)
+    for k in ("refer_acc50", "caption_exact", "describe_exact", "proposal_precision", "proposal_recall",
+              "proposals_per_scene", "phrase_acc", "crowded_proposal_recall", "crowded_proposal_precision"):
         assert rest[k] == local[k], k
     assert rest["refer_miou"] == pytest.approx(local["refer_miou"], abs=1e-3) and rest["scenes"] == 3
     assert rest["refer_acc50"] > 0.5  # the bundled model localises: a broken path would score near 0

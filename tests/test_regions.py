@@ -19,7 +19,7 @@ from model.inference import TorchInference
 from model.model import LocCa
 from model.phrases import attribute_words, link, object_phrases
 from model.predictor import Ask, Predictor
-from model.regions import RegionOptions, RegionSearch, peaks
+from model.regions import RegionOptions, RegionSearch, iou, peaks
 
 # --- a scripted model -------------------------------------------------------------------------------------
 
@@ -226,3 +226,23 @@ def test_link_keeps_order_and_compatibility():
     assert link(phrases, regions) == [1, 2, 0, None]
     assert link([], regions) == []
     assert link(phrases, []) == [None] * 4
+
+
+# --- the bundled model ------------------------------------------------------------------------------------
+
+
+def test_the_bundled_model_finds_most_objects_once_each():
+    """The default model on held-out scenes (the full figures: docs/ground.md): a broken search finds ~half."""
+    from model.checkpoint import load
+    from model.evaluate import heldout_scenes, proposal_scores
+
+    bundle = load("models/locca-tiny-shapes/checkpoint.safetensors")
+    predictor = Predictor(TorchInference(bundle.model), bundle.tasks)
+    scenes = heldout_scenes(24, offset=2_000_000_000)
+    answers = predictor.run([s.image for s in scenes], [Ask(i, "propose") for i in range(len(scenes))])
+    regions = [a["regions"] for a in answers]
+    got = proposal_scores(scenes, regions)
+    assert got["proposal_recall"] >= 0.85 and got["proposal_precision"] >= 0.9, got
+    for rs in regions:
+        for i, a in enumerate(rs):
+            assert not any(a["text"] == b["text"] and iou(a["box"], b["box"]) >= 0.5 for b in rs[i + 1:])

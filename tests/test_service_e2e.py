@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
+from model.regions import iou
 from model.shapes import generate_scene
 from service import images, launch, predict, protos
 from service.client import AsyncLoccaClient, LoccaClient, LoccaError, LoccaGrpcClient
@@ -114,16 +115,24 @@ def test_every_task_agrees_across_multipart_json_and_grpc(server, rest, rpc, sce
             ref = c.refer(data, s.expressions[0])
             described = c.ground(data, box=[10, 20, 110, 90.5])
             proposed = c.ground(data, max_regions=3)
-            got = (cap, ref, described, proposed)
+            grounded = c.caption(data, grounded=True)
+            got = (cap, ref, described, proposed, grounded)
             if c is rest:
                 first = got
                 continue
             assert cap.caption == first[0].caption and cap.score == pytest.approx(first[0].score, abs=1e-4)
+            assert grounded.caption == first[4].caption and cap.phrases is None
+            assert [(p.text, p.span, p.box is None) for p in grounded.phrases] == \
+                [(p.text, p.span, p.box is None) for p in first[4].phrases]
+            for p, q in zip(grounded.phrases, first[4].phrases, strict=True):
+                assert p.box is None or p.box == pytest.approx(q.box, abs=1e-3)
             assert ref.box == pytest.approx(first[1].box, abs=1e-3)
             assert [r.text for r in described] == [r.text for r in first[2]]
             assert np.allclose([r.box for r in proposed], [r.box for r in first[3]], atol=1e-3)
-    cap, ref, described, proposed = first
+    cap, ref, described, proposed, grounded = first
     assert cap.caption and cap.score <= 0
+    for p in grounded.phrases:  # each phrase is the caption's own text at its span
+        assert grounded.caption[p.span[0]:p.span[1]] == p.text
     x0, y0, x1, y1 = ref.box
     assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h and ref.expression == s.expressions[0]
     assert len(described) == 1 and described[0].box == [10, 20, 110, 90.5] and described[0].text
@@ -131,6 +140,11 @@ def test_every_task_agrees_across_multipart_json_and_grpc(server, rest, rpc, sce
                            "ground", max_regions=3)["regions"]  # the same model in this process
     assert len(proposed) == len(local) and [r.text for r in proposed] == [r["text"] for r in local]
     assert all(0 <= r.box[0] < r.box[2] <= w and 0 <= r.box[1] < r.box[3] <= h for r in proposed)
+    every = rest.ground(data)  # the default: every region found, up to 32, best first, no object twice
+    assert len(every) <= 32 and [r.score for r in every] == sorted((r.score for r in every), reverse=True)
+    assert [r.text for r in every[:3]] == [r.text for r in proposed]
+    for i, a in enumerate(every):
+        assert not any(a.text == b.text and iou(a.box, b.box) >= 0.5 for b in every[i + 1:])
 
 
 def test_request_ids(server, scenes):
@@ -179,6 +193,12 @@ def test_rest_errors(server, scenes):
         error(post(server, "/v1/ground" if "box" in bad or "max_regions" in bad else "/v1/caption", json=bad), 422,
               "invalid_request")
     error(post(server, "/v1/refer", json={"image": b64}), 422, "invalid_request")
+    # grounded belongs to /v1/caption; max_regions is 1..32
+    assert "/v1/caption" in error(post(server, "/v1/refer", json={"image": b64, "expression": "the circle",
+                                                                  "grounded": True}), 422, "invalid_request")
+    error(post(server, "/v1/ground", files={"image": data}, data={"grounded": "true"}), 422, "invalid_request")
+    error(post(server, "/v1/caption", json={"image": b64, "grounded": "maybe"}), 422, "invalid_request")
+    error(post(server, "/v1/ground", json={"image": b64, "max_regions": 33}), 422, "invalid_request")
     error(post(server, "/v1/refer", json={"image": b64, "expression": "x" * 300}), 422)
     error(post(server, "/v1/ground", files={"image": data}, data={"box": "[1, 2"}), 422)
     error(post(server, "/v1/caption", files={"nope": data}), 422)
@@ -200,6 +220,7 @@ def test_grpc_errors_health_and_reflection(server, rpc, scenes):
                        (lambda: rpc.refer(data, ""), "INVALID_ARGUMENT"),
                        (lambda: rpc.ground(data, box=[9, 9, 1, 1]), "INVALID_ARGUMENT"),
                        (lambda: rpc.ground(data, max_regions=-1), "INVALID_ARGUMENT"),
+                       (lambda: rpc.ground(data, max_regions=33), "INVALID_ARGUMENT"),
                        (lambda: rpc.caption(data, max_new_tokens=1), "INVALID_ARGUMENT"),
                        (lambda: rpc.ground(data, timeout=0.001), "DEADLINE_EXCEEDED")):
         with pytest.raises(LoccaError) as e:
