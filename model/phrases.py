@@ -3,9 +3,8 @@
 A shapes-world caption lists every object as `a <size> <colour> <shape>`, left to right by box centre, joined
 by `, ` and ` and ` (shared/specs/shapes-world.md, Texts). `object_phrases` finds each phrase's character span;
 `link` pairs the phrases with regions (box + referring expression, model/regions.py): a region may stand for a
-phrase when every attribute word of its expression is in the phrase ("the red circle" for "large red circle"),
-and the pairing keeps the caption's left-to-right order (the longest order-keeping pairing, as a longest common
-subsequence), which tells twins apart. A model trained on other captions needs its own phrase finder; `link`
+phrase when every attribute word of its expression is in the phrase ("the red circle" for "large red circle");
+twins, one phrase twice, take their regions in the caption's left-to-right order. A model trained on other captions needs its own phrase finder; `link`
 holds for any data whose expressions name attributes of their objects.
 
 `name_twins` gives twins their expressions. Two objects alike in every attribute are named by where they are
@@ -53,30 +52,28 @@ def attribute_words(expression: str) -> list[str]:
 
 
 def link(phrases: list[str], regions: list[dict]) -> list[int | None]:
-    """For each phrase (caption order), the index of its region in `regions` or None: of the pairings that keep
-    both orders (phrases as written, regions by box centre x, then y) and pair only compatible ones, the one
-    with the most pairs, then the heaviest (a region's "weight", 1 without one: the probability of the rows
-    that found it, so a stray corner does not take a real object's phrase)."""
-    order = sorted(range(len(regions)), key=lambda i: _centre(regions[i]["box"]))
-    weight = [float(regions[i].get("weight", 1.0)) for i in order]
-    top = max(weight, default=1.0) or 1.0
-    ok = [[compatible(p, regions[i]["text"]) for i in order] for p in phrases]
-    P, R = len(phrases), len(order)
-    # best[i][j]: the best (pairs, weight) among phrases[i:] and order[j:]
-    best = [[(0, 0.0)] * (R + 1) for _ in range(P + 1)]
-    for i in range(P - 1, -1, -1):
-        for j in range(R - 1, -1, -1):
-            take = (best[i + 1][j + 1][0] + 1, best[i + 1][j + 1][1] + weight[j] / top) if ok[i][j] else (-1, 0.0)
-            best[i][j] = max(best[i + 1][j], best[i][j + 1], take)
-    out: list[int | None] = [None] * P
-    i = j = 0
-    while i < P and j < R:
-        if ok[i][j] and best[i][j] == (best[i + 1][j + 1][0] + 1, best[i + 1][j + 1][1] + weight[j] / top):
-            out[i], i, j = order[j], i + 1, j + 1
-        elif best[i][j] == best[i + 1][j]:
-            i += 1
-        else:
-            j += 1
+    """For each phrase, the index of its region in `regions` or None. A region may be a phrase's when its text
+    fits the phrase (`compatible`); regions that fit fewer phrases, then heavier ones (a region's "weight", 1
+    without one: the probability of the rows that found it, so a stray corner does not take a real object's
+    phrase), are given first, each phrase text at most as many regions as the caption has of it. A phrase the
+    caption lists more than once (twins) takes its regions in the caption's order, left to right by box centre.
+    The caption's order is used only there: a caption that swaps two neighbours still links both."""
+    occurrences: dict[str, list[int]] = {}
+    for i, p in enumerate(phrases):
+        occurrences.setdefault(p, []).append(i)
+    fits = [[p for p in occurrences if compatible(p, r["text"])] for r in regions]
+    pairs = sorted((len(fits[j]), -float(regions[j].get("weight", 1.0)), j, p)
+                   for j in range(len(regions)) for p in fits[j])
+    given: dict[str, list[int]] = {p: [] for p in occurrences}
+    taken: set[int] = set()
+    for _, _, j, p in pairs:
+        if j not in taken and len(given[p]) < len(occurrences[p]):
+            given[p].append(j)
+            taken.add(j)
+    out: list[int | None] = [None] * len(phrases)
+    for p, idx in occurrences.items():
+        for i, j in zip(idx, sorted(given[p], key=lambda j: _centre(regions[j]["box"])), strict=False):
+            out[i] = j
     return out
 
 

@@ -226,6 +226,14 @@ def test_link_keeps_order_and_compatibility():
     assert link(phrases, regions) == [1, 2, 0, None]
     assert link([], regions) == []
     assert link(phrases, []) == [None] * 4
+    # a caption that lists two neighbours out of order still links both; a stray corner described like an
+    # object loses to the object's heavier region
+    swapped = ["small blue square", "large red circle"]
+    two = [{"box": [0, 0, 10, 10], "text": "the red circle"}, {"box": [30, 0, 40, 10], "text": "the square"}]
+    assert link(swapped, two) == [1, 0]
+    stray = [{"box": [0, 0, 10, 10], "text": "the red circle", "weight": 0.01},
+             {"box": [50, 0, 60, 10], "text": "the red circle", "weight": 0.3}]
+    assert link(["large red circle"], stray) == [1]
 
 
 # --- the bundled model ------------------------------------------------------------------------------------
