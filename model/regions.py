@@ -118,32 +118,40 @@ class RegionSearch:
 
     # --- the interface the scheduler drives --------------------------------------------------------------
     def advance(self, logits: np.ndarray) -> bool:
-        """Read this search's rows of `logits` (one per live branch, in order), move every branch on."""
+        """Read this search's rows of `logits` (one per live branch, in order), move every branch on. Rows
+        keep their order (a branch that ends leaves a gap, its branches follow it), so the backend moves few."""
         if self.started:                      # the step that made these logits cached one token of each
             for b in self.branches:
                 b.cached += 1
         self.started = True
-        nxt: list[tuple[int, Branch]] = []    # (row of `logits` it continues, branch)
         rows = self.rows[: len(self.branches)]
-        fed = [k for k, b in enumerate(self.branches) if b.cached == len(b.ids)]
-        logps = dict(zip(fed, log_softmax(logits[[rows[k] for k in fed]]), strict=True)) if fed else {}
+        fed = [k for k, b in enumerate(self.branches) if b.cached == len(b.ids)]  # the others feed a prompt
+        logp = log_softmax(logits[[rows[k] for k in fed]]) if fed else None
+        greedy = [i for i, k in enumerate(fed) if not self._corner(self.branches[k])]
+        picked: dict[int, int] = {}
+        if greedy:  # every greedy pick of the step at once: argmax over the allowed tokens of each row
+            allowed = np.stack([self.grammar.allowed(self.branches[fed[i]].state) for i in greedy])
+            picks = np.where(allowed, logp[greedy], -np.inf).argmax(axis=1)
+            picked = dict(zip(greedy, picks.tolist(), strict=True))
+        nxt: list[tuple[int, Branch]] = []    # (row of `logits` it continues, branch)
+        at = dict(zip(fed, range(len(fed)), strict=True))
         for k, (row, b) in enumerate(zip(rows, self.branches, strict=True)):
-            if k not in logps:                # still feeding its prompt: these logits are not for it
+            if k not in at:                   # still feeding its prompt: these logits are not for it
                 nxt.append((row, b))
                 continue
-            logp = logps[k]
-            if not self.listening and b.state.phase == 0 and b.state.count < 2:  # a corner: branch
-                nxt += [(row, c) for c in self._branch(logp, b)]
+            i = at[k]
+            if i not in picked:               # a corner: branch
+                nxt += [(row, c) for c in self._branch(logp[i], b)]
                 continue
-            t = int(np.argmax(np.where(self.grammar.allowed(b.state), logp, -np.inf)))
+            t = picked[i]
             b.ids.append(t)
-            b.lps.append(float(logp[t]))
+            b.lps.append(float(logp[i, t]))
             if t != self.tok.eos_id:
                 b.state.advance(t, self.tok)
                 nxt.append((row, b))
             elif self.listening:
-                for i in self.same_text[b.group]:
-                    self.found[i].listened = b.generated[:4]
+                for j in self.same_text[b.group]:
+                    self.found[j].listened = b.generated[:4]
             elif len(b.generated) >= 7 and b.generated[4] == self.tok.sep_id:
                 self.done_rows.append(b)
         if not self.listening:
@@ -154,6 +162,10 @@ class RegionSearch:
         self.src = [r for r, _ in nxt]
         self.done = not nxt
         return not self.done
+
+    def _corner(self, b: Branch) -> bool:
+        """Is b's next token a first corner's (y0 or x0), where the search branches?"""
+        return not self.listening and b.state.phase == 0 and b.state.count < 2
 
     def tokens(self) -> np.ndarray:
         """(R,) the token each live row feeds next: the next of its prompt, or the one it generated last."""
@@ -187,16 +199,18 @@ class RegionSearch:
         return out
 
     def _cap(self, nxt: list[tuple[int, Branch]]) -> list[tuple[int, Branch]]:
-        """At most `max_rows` rows, the likeliest corners first; of rows with the same box, the likeliest."""
-        seen, out = set(), []
-        for row, b in sorted(nxt, key=lambda rb: -rb[1].lead):
+        """Of rows with the same box, the likeliest; then at most `max_rows` rows, the likeliest corners (the
+        kept ones in their order)."""
+        best: dict[tuple[int, ...], int] = {}
+        for k, (_, b) in enumerate(nxt):
             if len(b.generated) >= 4:
                 box = tuple(b.generated[:4])
-                if box in seen:
-                    continue
-                seen.add(box)
-            out.append((row, b))
-        return out[: self.options.max_rows]
+                if box not in best or b.lead > nxt[best[box]][1].lead:
+                    best[box] = k
+        keep = [k for k, (_, b) in enumerate(nxt) if len(b.generated) < 4 or best[tuple(b.generated[:4])] == k]
+        if len(keep) > self.options.max_rows:
+            keep = sorted(sorted(keep, key=lambda k: -nxt[k][1].lead)[: self.options.max_rows])
+        return [nxt[k] for k in keep]
 
     def _groups(self) -> list[Region]:
         """Rows -> regions: rows with the same text whose boxes overlap (a chain of overlaps) found one object;
