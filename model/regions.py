@@ -40,6 +40,8 @@ class RegionOptions:
     min_x_prob: float = 0.05      # x0 peaks below this probability (given y0) start no row
     x_peaks: int = 3              # most x0 peaks per y0 bin
     max_rows: int = 32            # most rows at once (corners kept by joint probability)
+    same_box_iou: float = 1.0     # once a row's box is written, rows whose boxes overlap a likelier row's this
+                                  # much stop there (1.0: only identical boxes): fewer rows write texts
     listen: bool = True           # keep only regions whose text the model's ARef resolves back to their box
     agree_iou: float = 0.5        # ... with at least this IoU
     twins: bool = True            # caption the image beside, and name the twins it lists (model/phrases.py)
@@ -199,15 +201,19 @@ class RegionSearch:
         return out
 
     def _cap(self, nxt: list[tuple[int, Branch]]) -> list[tuple[int, Branch]]:
-        """Of rows with the same box, the likeliest; then at most `max_rows` rows, the likeliest corners (the
-        kept ones in their order)."""
-        best: dict[tuple[int, ...], int] = {}
-        for k, (_, b) in enumerate(nxt):
-            if len(b.generated) >= 4:
-                box = tuple(b.generated[:4])
-                if box not in best or b.lead > nxt[best[box]][1].lead:
-                    best[box] = k
-        keep = [k for k, (_, b) in enumerate(nxt) if len(b.generated) < 4 or best[tuple(b.generated[:4])] == k]
+        """Of rows whose boxes, just written, are the same (or overlap `same_box_iou`), the likeliest; then at
+        most `max_rows` rows, the likeliest corners (the kept ones in their order)."""
+        boxed = [k for k, (_, b) in enumerate(nxt) if len(b.generated) == 4]  # a box written this step
+        gone: set[int] = set()
+        if boxed:
+            boxes = {k: self._norm(nxt[k][1].generated[:4]) for k in boxed}
+            kept: list[int] = []
+            for k in sorted(boxed, key=lambda k: -nxt[k][1].lead):
+                if any(boxes[k] == boxes[j] or iou(boxes[k], boxes[j]) >= self.options.same_box_iou for j in kept):
+                    gone.add(k)
+                else:
+                    kept.append(k)
+        keep = [k for k in range(len(nxt)) if k not in gone]
         if len(keep) > self.options.max_rows:
             keep = sorted(sorted(keep, key=lambda k: -nxt[k][1].lead)[: self.options.max_rows])
         return [nxt[k] for k in keep]

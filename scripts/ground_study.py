@@ -15,6 +15,7 @@ median per image, and its ratio to a plain caption's on the same images (the iss
                      region per text and place
     corners+listen   ... keeping a region only where ARef puts its text back on its box
     corners+listen+twins   ... beside a caption that names twins (the server's default)
+    ... rows merged at IoU x   ... where rows whose boxes overlap a likelier row's by x stop before their text
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ METHODS = {
     "corners": corners(RegionOptions(listen=False, twins=False)),
     "corners+listen": corners(RegionOptions(twins=False)),
     "corners+listen+twins": corners(RegionOptions()),
+    "... rows merged at IoU 0.7": corners(RegionOptions(same_box_iou=0.7)),
+    "... rows merged at IoU 0.5": corners(RegionOptions(same_box_iou=0.5)),
 }
 
 
@@ -108,8 +111,12 @@ def main() -> None:
     ap.add_argument("--crowded", type=int, default=100, help="held-out scenes of 8 objects (default 100)")
     ap.add_argument("--offset", type=int, default=1_200_000_000, help="first held-out seed (%(default)s)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
+    ap.add_argument("--list", action="store_true", help="list the methods and exit")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
+    if args.list:
+        print("\n".join(METHODS))
+        return
     src = resolve(Settings(model=args.model, backend="onnxruntime"))  # exported on first use, as `serve` does
     loaded = load_inference(src.path, src.backend, threads=1)
     p = Predictor(loaded.inference, loaded.tasks)
@@ -119,7 +126,7 @@ def main() -> None:
     results = {"model": args.model, "scenes": args.scenes, "crowded_scenes": args.crowded, "offset": args.offset,
                "caption_ms": caption_ms, "methods": {}}
     print(f"caption: {caption_ms:.1f} ms per image (median)")
-    print(f"{'method':<24}{'precision':>10}{'recall':>8}{'per scene':>10}{'8-obj P':>9}{'8-obj R':>9}"
+    print(f"{'method':<28}{'precision':>10}{'recall':>8}{'per scene':>10}{'8-obj P':>9}{'8-obj R':>9}"
           f"{'ms':>8}{'x caption':>10}")
     for name in args.methods.split(","):
         fn = METHODS[name]
@@ -130,7 +137,7 @@ def main() -> None:
         ms = 1e3 * float(np.median(times))
         results["methods"][name] = {**r, **{f"crowded_{k}": v for k, v in c.items()}, "ms": ms,
                                     "over_caption": ms / caption_ms}
-        print(f"{name:<24}{r['proposal_precision']:>10.3f}{r['proposal_recall']:>8.3f}"
+        print(f"{name:<28}{r['proposal_precision']:>10.3f}{r['proposal_recall']:>8.3f}"
               f"{r['proposals_per_scene']:>10.2f}{c.get('proposal_precision', float('nan')):>9.3f}"
               f"{c.get('proposal_recall', float('nan')):>9.3f}{ms:>8.1f}{ms / caption_ms:>10.2f}", flush=True)
     if args.json:

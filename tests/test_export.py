@@ -167,7 +167,8 @@ def test_select_and_merge_equal_torch(exported):
 
 
 def test_cpu_joins_and_leaves_reuse_the_running_arrays(exported):
-    """On CPU a join copies only the joining rows into spare rows, and a select only the rows that move."""
+    """On CPU a join copies only the joining rows into spare rows, and a select only the rows that move; a
+    select to more rows than the arrays hold (a region search branching) makes new ones with room to spare."""
     _, o, _ = exported
     cross = o.encode(pixels(o.cfg, 2, seed=7))
     a = o.merge(o.start(cross, np.array([0, 1])), o.start(cross, np.array([1])))
@@ -180,8 +181,13 @@ def test_cpu_joins_and_leaves_reuse_the_running_arrays(exported):
     o.select(a, np.array([0, 4, 2, 2]))
     assert a.rows_buffer is buffer and all(np.shares_memory(x, b) for x, b in zip(a.tensors(), buffer, strict=True))
     np.testing.assert_array_equal(a.cache_k[0], before[[0, 4, 2, 2]])
-    o.select(a, np.arange(9) % 4)  # more rows than the arrays hold: new ones
-    assert a.rows == 9 and a.rows_buffer is None
+    grown = a.cache_k[0].copy()
+    o.select(a, np.arange(9) % 4)  # more rows than the arrays hold: new ones, again with room to spare
+    assert a.rows == 9 and a.rows_buffer is not buffer and a.capacity == 32
+    np.testing.assert_array_equal(a.cache_k[0], grown[np.arange(9) % 4])
+    again = a.rows_buffer
+    o.select(a, np.array([8, 0, 3]))  # fewer: in place
+    assert a.rows_buffer is again and a.rows == 3
 
 
 def test_io_binding_path_equals_numpy_path(exported):
