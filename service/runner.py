@@ -24,7 +24,12 @@ class Runner:
         if isinstance(batch, Prefill):
             cross = inf.encode(batch.pixels)
             new, last = prefill(inf, cross, batch.queries, self.pad_id)
-            self.state = inf.merge(self.state, new) if batch.base else new
+            if not batch.base and self.state is not None:
+                # nothing runs: keep no rows of the old state but its arrays, whose spare rows the new rows
+                # join (on CPU a state grows by new arrays; a region search's rows would make them anew for
+                # every request that comes alone)
+                inf.select(self.state, np.zeros(0, dtype=np.int64))
+            self.state = inf.merge(self.state, new) if self.state is not None else new
             return last
         inf.select(self.state, batch.src)
         return inf.step(self.state, batch.tokens, batch.positions)[:, 0]
