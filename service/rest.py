@@ -166,7 +166,7 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         return JSONResponse({"error": {"code": code, "message": str(e.detail)}}, status_code=e.status_code)
 
     @app.post("/v1/caption", response_model=api.CaptionResponse, responses={**ERRORS, **PNG},
-              openapi_extra=body_doc(api.CaptionRequest), response_model_exclude_none=True,
+              openapi_extra=body_doc(api.CaptionRequest), response_model_exclude_unset=True,
               summary="Caption an image; with grounded, also the box of each object phrase")
     async def caption(request: Request):
         p, image = await read_request(request, api.CaptionRequest, api.CaptionParams, limit)

@@ -131,6 +131,11 @@ def test_every_task_agrees_across_multipart_json_and_grpc(server, rest, rpc, sce
             assert np.allclose([r.box for r in proposed], [r.box for r in first[3]], atol=1e-3)
     cap, ref, described, proposed, grounded = first
     assert cap.caption and cap.score <= 0
+    plain = post(server, "/v1/caption", files={"image": data}).json()
+    assert set(plain) == {"caption", "score"}, "a plain caption answers as before"
+    raw = post(server, "/v1/caption", files={"image": data}, data={"grounded": "true"}).json()
+    assert set(raw) == {"caption", "score", "phrases"}
+    assert all(set(p) == {"text", "span", "box", "score"} for p in raw["phrases"]), "a null box is still there"
     for p in grounded.phrases:  # each phrase is the caption's own text at its span
         assert grounded.caption[p.span[0]:p.span[1]] == p.text
     x0, y0, x1, y1 = ref.box
