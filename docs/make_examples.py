@@ -50,7 +50,7 @@ def examples(model: str) -> list[dict]:
         expression, truth_box = scene.expressions[0], list(scene.objects[0].box)
         refer = predict.answer(predictor, image, "refer", expression)
         ground = predict.answer(predictor, image, "ground")
-        caption = predict.answer(predictor, image, "caption")
+        caption = predict.answer(predictor, image, "caption", grounded=True)
         truth = {"regions": [{"box": list(o.box), "text": e, "score": 0.0}
                              for o, e in zip(scene.objects, scene.expressions, strict=True)]}
         for task, result, suffix in [("refer", refer, "refer"), ("ground", ground, "ground"),
@@ -74,15 +74,16 @@ def readme(rows: list[dict], model: str, meta: dict) -> str:
         "",
         "- `scene-N.png`: the input;",
         "- `scene-N-refer.png`: `/v1/refer` with the scene's first referring expression;",
-        "- `scene-N-ground.png`: `/v1/ground` without a box (the model's region proposals);",
-        "- `scene-N-caption.png`: `/v1/caption`;",
+        "- `scene-N-ground.png`: `/v1/ground` without a box (every object the model finds, docs/ground.md);",
+        "- `scene-N-caption.png`: `/v1/caption` with `grounded=true` (each object phrase in its box's colour);",
         "- `scene-N-truth.png`: the true boxes and expressions of every object, drawn the same way (what a",
         "  model that localises well would return).",
         "",
         "Every box is drawn where the answer puts it (service/render.py; `tests/test_render.py` checks the",
         "pixels). Whether it is on the named object is the model's doing: compare with `-truth.png`"
         + (f"; on {accuracy['scenes']} held-out scenes this model's refer Acc@0.5 is {accuracy['refer_acc50']:.3f}"
-           f" and its proposal precision {accuracy['proposal_precision']:.3f} (`eval.json` beside it)."
+           f", and /ground finds {accuracy['proposal_recall']:.3f} of the objects at precision "
+           f"{accuracy['proposal_precision']:.3f} (`eval.json` beside it)."
            if accuracy else ".") + " Run `make examples` again with a better model (`MODEL=...`) to refresh these files.",
         "",
     ]
@@ -91,20 +92,20 @@ def readme(rows: list[dict], model: str, meta: dict) -> str:
         lines += [
             f"## {n} ({r['size'][0]} x {r['size'][1]})",
             "",
-            "| the model's refer answer | its proposals | the truth |",
-            "|---|---|---|",
-            f"| ![]({n}-refer.png) | ![]({n}-ground.png) | ![]({n}-truth.png) |",
+            "| the model's refer answer | every object it finds | its grounded caption | the truth |",
+            "|---|---|---|---|",
+            f"| ![]({n}-refer.png) | ![]({n}-ground.png) | ![]({n}-caption.png) | ![]({n}-truth.png) |",
             "",
             "```bash",
             f"locca predict docs/examples/{n}.png --task refer --expression \"{r['expression']}\" "
             f"--out {n}-refer.png",
             f"locca predict docs/examples/{n}.png --task ground --out {n}-ground.png",
-            f"locca predict docs/examples/{n}.png --task caption --out {n}-caption.png",
+            f"locca predict docs/examples/{n}.png --task caption --grounded --out {n}-caption.png",
             "```",
             "",
             f"- refer \"{r['expression']}\": box `{[round(v, 1) for v in r['refer']['box']]}`, true box "
             f"`{r['truth_box']}`, IoU {r['iou']:.2f}",
-            "- proposals: " + "; ".join(f"\"{g['text']}\"" for g in r["ground"]["regions"]),
+            "- every object: " + "; ".join(f"\"{g['text']}\"" for g in r["ground"]["regions"]),
             f"- caption: \"{r['caption']['caption']}\" (true: \"{r['true_caption']}\")",
             "",
         ]

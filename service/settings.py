@@ -39,9 +39,9 @@ class Settings(BaseSettings):
         "how long a request may wait for others to share its encoder batch before it is encoded anyway; "
         "0 (as Triton's max_queue_delay): an idle worker starts at once, and requests that arrive while it "
         "works are batched at its next step anyway (continuous batching)"))
-    max_rows: int = Field(256, ge=32, description=(
-        "most KV-cache rows decoded together (a caption or refer takes 1 row; /ground without a box up to 32, "
-        "one per corner it follows; a grounded caption 33)"))
+    max_rows: int = Field(256, ge=33, description=(
+        "most KV-cache rows decoded together (a caption or refer takes 1 row; /ground without a box and a "
+        "grounded caption up to 33: a row per corner their region search follows, and the caption's)"))
     short_job_tokens: int = Field(8, ge=0, description=(
         "requests that generate at most this many tokens (a refer: 5) are prefilled before longer ones, and "
         "while one is decoding, newly arrived longer ones wait (see --short-job-max-defer-ms), so that a refer "

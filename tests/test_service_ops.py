@@ -31,7 +31,7 @@ def server(tmp_path_factory, tiny_model, tok):
     path = tmp_path_factory.mktemp("model") / "checkpoint.safetensors"
     checkpoint.save(path, tiny_model, tok, BoxConfig(bins=64))
     s = launch.start(tmp_path_factory.mktemp("log") / "serve.log", model=path, backend="torch", threads=1,
-                     max_queue=QUEUE, max_rows=32, max_batch_size=1, retry_after_s=1, drain_timeout_s=60)
+                     max_queue=QUEUE, max_rows=33, max_batch_size=1, retry_after_s=1, drain_timeout_s=60)
     try:
         s.wait("/readyz")
         yield s

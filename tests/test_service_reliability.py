@@ -47,7 +47,7 @@ def model_path(tmp_path_factory, tiny_model, tok):
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
     s = launch.start(tmp_path_factory.mktemp("log") / "serve.log", model=model_path, backend="torch", threads=1,
-                     max_queue=QUEUE, max_batch_size=QUEUE, max_rows=32, retry_after_s=1, drain_timeout_s=60,
+                     max_queue=QUEUE, max_batch_size=QUEUE, max_rows=33, retry_after_s=1, drain_timeout_s=60,
                      worker_stall_timeout_s=STALL_S,
                      api_keys=f"another-key-abcdefghijklmnop,{KEY}")
     try:
