@@ -1,5 +1,8 @@
 """Grounded captions: the object phrases of a caption, each linked to a region the model found (issue 16).
 
+`GroundedCaption` searches a caption and the image's regions (model/regions.py) side by side from one prompt
+row; the rest of this module reads the answer.
+
 A shapes-world caption lists every object as `a <size> <colour> <shape>`, left to right by box centre, joined
 by `, ` and ` and ` (shared/specs/shapes-world.md, Texts). `object_phrases` finds each phrase's character span;
 `link` pairs the phrases with regions (box + referring expression, model/regions.py): a region may stand for a
@@ -17,12 +20,53 @@ from __future__ import annotations
 
 import re
 
-from .regions import iou
+import numpy as np
+
+from .regions import RegionSearch, iou
 from .shapes import TWIN_VERTICAL_FRACTION
 
 _JOINS = re.compile(r", | and ")
 _ARTICLES = ("a ", "an ", "the ")
 _WHERE = ("on", "at")  # the position words of a twin's expression start here ("on the left", "at the top")
+
+
+class GroundedCaption:
+    """A caption and every region of its image, searched side by side from one prompt row: the regions' prompt
+    <bos> <GCap> shares slot 0 (<bos>) with the caption's <bos> <Cap>, so their search starts in a copy of the
+    caption's row by feeding <GCap> at position 1, and no second prefill is needed. The caption's object
+    phrases are linked to the regions afterwards (`link`, `name_twins`)."""
+
+    def __init__(self, caption, regions: RegionSearch):
+        self.caption, self.region_search = caption, regions
+        regions.share_row(1)
+        self.query = caption.query
+        self.width = caption.width + regions.width
+        self.parts = [caption, regions]
+        self.live = [1, 1]           # rows each part holds in the next logits (one each after the prefill)
+        self.rows: list[int] = []
+        self.src: list[int] = []
+        self.done = False
+
+    def advance(self, logits: np.ndarray) -> bool:
+        offset, self.src = 0, []
+        for k, part in enumerate(self.parts):
+            if part.done:
+                continue
+            part.rows, offset = self.rows[offset: offset + self.live[k]], offset + self.live[k]
+            if part.advance(logits):
+                self.src += part.src
+            self.live[k] = len(part.src)
+        self.done = not self.src
+        return not self.done
+
+    def tokens(self) -> np.ndarray:
+        return np.concatenate([p.tokens() for p in self.parts if not p.done])
+
+    def positions(self) -> np.ndarray:
+        return np.concatenate([p.positions() for p in self.parts if not p.done])
+
+    def most_tokens(self) -> int:
+        return max(p.most_tokens() for p in self.parts if not p.done) if not self.done else 0
 
 
 def object_phrases(caption: str) -> list[tuple[int, int]]:

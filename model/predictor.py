@@ -14,8 +14,8 @@ from PIL import Image
 
 from .decoding import BeamSearch, DecodingOptions, Grammar, Hypothesis, Query, budget_for, run
 from .image import preprocess
-from .phrases import link, name_twins, object_phrases
-from .regions import GroundedCaption, RegionOptions, RegionSearch, iou, public  # noqa: F401 (iou: the callers')
+from .phrases import GroundedCaption, link, name_twins, object_phrases
+from .regions import RegionOptions, RegionSearch, iou, public  # noqa: F401 (iou: the callers')
 from .tasks import Tasks
 
 DEFAULT_REGIONS = 32   # most regions /ground answers unless asked for fewer: more than a scene holds
