@@ -2,7 +2,8 @@
 the worker pool. REST (service/rest.py) and gRPC (service/grpc_server.py) only convert messages.
 
 Admission: at most `max_queue` requests are held at once (429 / RESOURCE_EXHAUSTED beyond, before any work is
-done), none while not ready or draining (503 / UNAVAILABLE). Deadline: the shorter of the client's and
+done), none before the model was first served or while draining (503 / UNAVAILABLE); while a worker restarts,
+admitted requests wait for it (service/pool.py), and readiness says 503 / NOT_SERVING meanwhile. Deadline: the shorter of the client's and
 `request_timeout_s`, on the monotonic clock, enforced here and in the worker. Cancellation: cancelling the
 awaiting task (a REST client that went away, a gRPC deadline or cancel) aborts the job in its worker.
 """
@@ -87,7 +88,7 @@ class Engine:
         retry = self.settings.retry_after_s
         if self.draining:
             raise Unavailable("the server is shutting down", retry_after=retry)
-        if not self.pool.ready:
+        if self.pool.info is None:  # not served yet: loading. After that, a restart's arrivals wait (pool.run)
             raise Unavailable("the model is not ready yet", retry_after=retry)
         if self.in_flight >= self.settings.max_queue:
             raise QueueFull(f"{self.in_flight} requests are queued or running; retry later", retry_after=retry)

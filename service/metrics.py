@@ -27,6 +27,8 @@ TOKENS = Counter("locca_generated_tokens_total", "Tokens generated, counting eve
 ABORTED = Counter("locca_requests_aborted_total", "Requests whose work a worker stopped, by reason",
                   ["reason"])
 WORKER_RESTARTS = Counter("locca_worker_restarts_total", "Model worker processes that died and were restarted")
+REQUESTS_RETRIED = Counter("locca_requests_retried_total", "Requests queued again after the worker holding them "
+                           "died (each at most once)")
 WORKER_STALLS = Counter("locca_worker_stalls_total", "Model workers killed (then restarted) for holding requests "
                         "without a sign of progress for worker_stall_timeout_s")
 WORKERS_READY = Gauge("locca_workers_ready", "Model workers loaded, warmed up and serving")

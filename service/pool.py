@@ -2,8 +2,11 @@
 
 Each worker gets two one-way pipes. A sender thread writes to it (a request's pixels may not fit in a pipe
 buffer while the worker is busy in a model call, and the event loop must never block on that) and a reader
-thread hands its messages to the loop. The loop watches each process's sentinel: when a worker dies, every
-request it held fails at once with Unavailable (503 / UNAVAILABLE) and a new worker is started. A worker that
+thread hands its messages to the loop. The loop watches each process's sentinel: when a worker dies, a new one
+is started, and every request it held is queued again, once, on the next worker to be ready (inference is
+idempotent, and a request that died with its worker never finished): only a request whose second worker dies
+too fails, with Unavailable (503 / UNAVAILABLE). Requests wait for a ready worker (the restarted one, or
+another) up to their deadline; they are already admitted, so the engine's bounded queue holds them. A worker that
 holds requests reports progress (stats) several times a second; one that has sent nothing for `stall_timeout`
 seconds while holding requests (stopped, deadlocked in a native call, swapping) is killed, and so restarted.
 A model that cannot be loaded is fatal at start, not a restart loop: a worker that fails to load it (or dies
@@ -30,6 +33,10 @@ from .worker import WorkerSpec
 log = logging.getLogger("locca.pool")
 MAX_BACKOFF_S = 30.0
 MAX_START_DEATHS = 5  # consecutive deaths of a slot before the model was ever served: give up
+
+
+class WorkerDied(Exception):
+    """The worker holding a request died before answering it (internal: the pool queues it again)."""
 
 
 class WorkerHandle:
@@ -86,8 +93,10 @@ class WorkerPool:
         self.closing = False
         self._ids = itertools.count(1)
         self._queue_depths: dict[int, int] = {}
+        self._any_ready: asyncio.Event | None = None  # set while some worker is ready (made in `start`)
 
     def start(self) -> None:
+        self._any_ready = asyncio.Event()
         for slot in range(len(self.specs)):
             self._spawn(slot)
         self._watch()
@@ -119,6 +128,11 @@ class WorkerPool:
 
     def _update_ready(self) -> None:
         metrics.WORKERS_READY.set(sum(1 for h in self.handles if h is not None and h.ready))
+        if self._any_ready is not None:
+            if self.ready or self.closing:  # closing: wake the waiters, to be told so
+                self._any_ready.set()
+            else:
+                self._any_ready.clear()
 
     # --- messages ------------------------------------------------------------------------------------
     def _on_message(self, h: WorkerHandle, msg: tuple) -> None:
@@ -143,6 +157,7 @@ class WorkerPool:
 
     def _fatal(self, message: str) -> None:
         self.closing = True  # no restarts
+        self._update_ready()
         if self.on_fatal is not None:
             self.on_fatal(message)
 
@@ -162,8 +177,7 @@ class WorkerPool:
         self._queue_depths.pop(h.slot, None)
         for fut in h.jobs.values():
             if not fut.done():
-                fut.set_exception(Unavailable("the model worker serving this request died; retry",
-                                              retry_after=self.retry_after))
+                fut.set_exception(WorkerDied())
         h.jobs.clear()
         if self.closing or self.handles[h.slot] is not h:
             return
@@ -180,12 +194,35 @@ class WorkerPool:
 
     # --- requests ------------------------------------------------------------------------------------
     async def run(self, task: Task, pixels: np.ndarray, deadline: float) -> dict:
-        """Run one task on the least busy ready worker; `deadline` is on the monotonic clock. Cancelling the
-        caller (client gone, gRPC deadline) or passing the deadline aborts the job in the worker."""
-        ready = [h for h in self.handles if h is not None and h.ready]
-        if not ready:
-            raise Unavailable("no model worker is ready", retry_after=self.retry_after)
-        h = min(ready, key=lambda w: len(w.jobs))
+        """Run one task on the least busy ready worker, waiting for one if none is; `deadline` is on the
+        monotonic clock. A request whose worker dies is run again, once, on the next ready worker. Cancelling
+        the caller (client gone, gRPC deadline) or passing the deadline aborts the job in the worker."""
+        for attempt in range(2):
+            h = await self._ready_worker(deadline)
+            try:
+                return await self._run_on(h, task, pixels, deadline)
+            except WorkerDied:
+                if attempt:
+                    raise Unavailable("the model workers serving this request died twice; retry",
+                                      retry_after=self.retry_after) from None
+                metrics.REQUESTS_RETRIED.inc()
+                log.warning("the worker holding a request died; queueing it again", extra={"slot": h.slot})
+        raise AssertionError("unreachable")
+
+    async def _ready_worker(self, deadline: float) -> WorkerHandle:
+        while True:
+            if self.closing:
+                raise Unavailable("the server is shutting down", retry_after=self.retry_after)
+            ready = [h for h in self.handles if h is not None and h.ready]
+            if ready:
+                return min(ready, key=lambda w: len(w.jobs))
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self._any_ready.wait()
+            except TimeoutError:
+                raise DeadlineExceeded("no model worker was ready before the request's deadline") from None
+
+    async def _run_on(self, h: WorkerHandle, task: Task, pixels: np.ndarray, deadline: float) -> dict:
         if not h.jobs:
             h.heard = time.monotonic()  # an idle worker is quiet: its silence counts from now
         job_id = next(self._ids)
@@ -206,6 +243,7 @@ class WorkerPool:
 
     async def close(self, timeout: float = 10.0) -> None:
         self.closing = True
+        self._update_ready()
         handles = [h for h in self.handles if h is not None]
         for h in handles:
             h.send(("stop",))

@@ -176,21 +176,44 @@ def test_grpc_flood_gets_ok_or_resource_exhausted(server, images):
 
 def test_a_worker_killed_mid_flood_is_replaced_and_nothing_hangs(server, images):
     (pid,) = server.worker_pids()
-    restarts = server.metric("locca_worker_restarts_total")
+    restarts, retried = server.metric("locca_worker_restarts_total"), server.metric("locca_requests_retried_total")
 
     def kill():
         os.kill(pid, signal.SIGKILL)
 
     results = asyncio.run(flood(server.url, images, seconds=3.0, rate=40, during=kill))
     statuses = [s for s, _, _ in results]
-    assert set(statuses) <= {200, 429, 503}, set(statuses)
-    assert 503 in statuses, "requests the worker held fail with 503 at once"
-    assert all(ra == "1" for s, _, ra in results if s in (429, 503))
+    assert set(statuses) <= {200, 429}, set(statuses)  # issue 21: those it held run again, arrivals wait
+    assert server.metric("locca_requests_retried_total") > retried, "the killed worker held requests"
+    assert all(ra == "1" for s, _, ra in results if s == 429)
     server.wait("/readyz", timeout=60)
     assert server.worker_pids() != [pid]
     assert server.metric("locca_worker_restarts_total") == restarts + 1
     with LoccaClient(server.url, retries=0, api_key=KEY) as c:
         assert c.caption(images[1], max_new_tokens=6).caption
+
+
+def test_with_two_workers_a_killed_one_loses_nothing(model_path, images, tmp_path):
+    """Issue 21's chaos test with two workers: one is killed mid-flood; its requests move to the survivor (or
+    its own replacement), every request is answered 200 or 429, and both workers serve again after."""
+    with launch.launch(tmp_path / "serve.log", model=model_path, backend="torch", threads=1, workers=2,
+                       max_queue=QUEUE, max_batch_size=QUEUE, max_rows=33, retry_after_s=1,
+                       api_keys=KEY) as two:
+        first = two.worker_pids()
+        assert len(first) == 2
+        retried = two.metric("locca_requests_retried_total")
+        results = asyncio.run(flood(two.url, images, seconds=3.0, rate=40,
+                                    during=lambda: os.kill(first[0], signal.SIGKILL)))
+        statuses = [s for s, _, _ in results]
+        assert set(statuses) <= {200, 429}, set(statuses)
+        assert statuses.count(200) >= len(statuses) // 2, "the survivor kept answering"
+        assert two.metric("locca_requests_retried_total") > retried, "the killed worker held requests"
+        two.wait("/readyz", timeout=60)
+        deadline = time.monotonic() + 60
+        while two.metric("locca_workers_ready") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert two.metric("locca_workers_ready") == 2 and first[0] not in two.worker_pids()
+        assert two.metric("locca_worker_restarts_total") == 1
 
 
 def test_a_hung_worker_costs_its_requests_their_deadline_not_a_hang(server, images):
@@ -223,8 +246,8 @@ def test_a_worker_frozen_while_holding_requests_is_killed_and_replaced(server, i
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-    assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable", r.text
-    assert STALL_S - 0.5 <= waited < STALL_S + 5, "killed after the stall timeout, long before the deadline"
+    assert r.status_code == 200, r.text  # issue 21: queued again on the worker that replaced the frozen one
+    assert STALL_S - 0.5 <= waited < STALL_S + 20, "killed after the stall timeout, long before the deadline"
     server.wait("/readyz", timeout=60)
     assert server.worker_pids() != [pid]
     assert server.metric("locca_worker_stalls_total") == stalls + 1
