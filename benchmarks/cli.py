@@ -11,7 +11,8 @@ Sections (each prints its progress; the table at the end says which goals of iss
      of new tokens, batch 1 and 32; and the refer accuracy each of our variants keeps (held-out scenes)
   2. serving: `locca serve` against a plain FastAPI app calling generate() per request, caption requests at
      1, 8, 32 and 64 concurrent clients: throughput, p50 and p99 latency; and /v1/ground without a box (every
-     object) against /v1/caption on the same scenes, one client (issue 16)
+     object) against /v1/caption on the same scenes, one client (issue 16); `--workers 2` against one at the
+     most clients (issue 21)
   3. continuous vs static batching: refer latency among long captions, against an idle worker
   4. the limit: measured peak matrix-multiply rate, analytic model FLOPs (benchmarks/flops.py), the encoder's
      and the whole request's model FLOPs utilisation
@@ -221,7 +222,27 @@ def serve(cfg: BenchConfig, model: str, device: str, threads: int, pool, mcfg, t
                 r = out[name][-1]
                 say(f"2. {name}, {level} clients: {r['throughput']:.1f} req/s, p50 {r['p50_ms']:.0f} ms")
         out["ground"] = ground_vs_caption(o.url, ours_req, cfg.window_s, cfg.rounds)
+        out["workers"] = two_workers(o, model, threads, device, ours_req, max(cfg.levels), cfg.window_s, tmp)
     return out
+
+
+def two_workers(one, model: str, threads: int, device: str, requests: list, clients: int, window: float,
+                tmp: str) -> dict:
+    """Issue 21: `locca serve --workers 2` against the one-worker server `one`, caption requests at `clients`
+    clients, taking turns twice. On a 2-core host the second worker competes for the cores the first, the
+    front and the clients use: this says what it costs or gains there."""
+    from . import serving
+    say(f"2. two workers against one: captions at {clients} clients")
+    rows: dict[str, list[dict]] = {"1": [], "2": []}
+    with serving.our_server(model, threads, device, f"{tmp}/two.log", workers=2) as two:
+        for k in range(2):
+            for name, server in (("1", one), ("2", two)) if k == 0 else (("2", two), ("1", one)):
+                rows[name] += serving.sweep(server.url, requests, [clients], window)
+    out = {name: {"throughput": float(np.median([r["throughput"] for r in rs])),
+                  "p50_ms": float(np.median([r["p50_ms"] for r in rs]))} for name, rs in rows.items()}
+    say(f"2. {clients} clients: two workers {out['2']['throughput']:.1f} req/s, one {out['1']['throughput']:.1f}")
+    return {"clients": clients, "one": out["1"], "two": out["2"],
+            "ratio": out["2"]["throughput"] / out["1"]["throughput"]}
 
 
 def ground_vs_caption(url: str, captions: list, window: float, rounds: int) -> dict:

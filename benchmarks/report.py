@@ -103,6 +103,11 @@ def table(res: dict) -> str:
             g = s["ground"]
             lines.append(f"   one client, same scenes: /v1/ground without a box (every object) p50 {g['ground_p50_ms']:.0f}"
                          f" ms, /v1/caption p50 {g['caption_p50_ms']:.0f} ms: {g['ratio']:.2f}x")
+        if "workers" in s:
+            w = s["workers"]
+            lines.append(f"   {w['clients']} clients, --workers 2 against 1: {w['two']['throughput']:.1f} against "
+                         f"{w['one']['throughput']:.1f} captions/s ({w['ratio']:.2f}x), p50 {w['two']['p50_ms']:.0f}"
+                         f" against {w['one']['p50_ms']:.0f} ms")
     if "batching" in res:
         b = res["batching"]
         policies = [p for p in POLICIES if p in b]  # "arrival": runs since 2026-11-30

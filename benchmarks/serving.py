@@ -83,11 +83,11 @@ def naive_server(model: str, threads: int, device: str, dtype: str, log_path: st
         server.stop()
 
 
-def our_server(model: str, threads: int, device: str, log_path: str):
-    """`locca serve` (service/launch.py): one worker, its default backend (ONNX Runtime) on a CPU, PyTorch on a
-    GPU (the lent GPU machines have no onnxruntime-gpu), every other setting its default."""
+def our_server(model: str, threads: int, device: str, log_path: str, workers: int = 1):
+    """`locca serve` (service/launch.py): one worker (or `workers`), its default backend (ONNX Runtime) on a
+    CPU, PyTorch on a GPU (the lent GPU machines have no onnxruntime-gpu), every other setting its default."""
     backend = "onnxruntime" if device == "cpu" else "torch"
-    return launch(log_path, model=model, backend=backend, threads=threads, workers=1, device=device)
+    return launch(log_path, model=model, backend=backend, threads=threads, workers=workers, device=device)
 
 
 def batch_counters(server: ServerProcess) -> dict[str, float]:

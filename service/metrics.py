@@ -27,6 +27,10 @@ TOKENS = Counter("locca_generated_tokens_total", "Tokens generated, counting eve
 ABORTED = Counter("locca_requests_aborted_total", "Requests whose work a worker stopped, by reason",
                   ["reason"])
 WORKER_RESTARTS = Counter("locca_worker_restarts_total", "Model worker processes that died and were restarted")
+WORKER_BACKOFFS = Counter("locca_worker_backoffs_total", "Worker restarts held back because the slot keeps dying "
+                          "(a crash loop: more than one death in a minute)")
+WORKER_BACKOFF_SECONDS = Gauge("locca_worker_backoff_seconds", "The last restart delay of a worker slot",
+                               ["slot"])
 REQUESTS_RETRIED = Counter("locca_requests_retried_total", "Requests queued again after the worker holding them "
                            "died (each at most once)")
 WORKER_STALLS = Counter("locca_worker_stalls_total", "Model workers killed (then restarted) for holding requests "

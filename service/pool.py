@@ -32,6 +32,7 @@ from .worker import WorkerSpec
 
 log = logging.getLogger("locca.pool")
 MAX_BACKOFF_S = 30.0
+CRASH_WINDOW_S = 60.0  # deaths of a slot within this long count towards its restart delay (a crash loop)
 MAX_START_DEATHS = 5  # consecutive deaths of a slot before the model was ever served: give up
 
 
@@ -89,6 +90,7 @@ class WorkerPool:
         self.on_fatal = on_fatal             # (message) -> None: the model cannot be served at all
         self.handles: list[WorkerHandle | None] = [None] * len(specs)
         self.failures = [0] * len(specs)     # consecutive deaths before becoming ready (crash loops back off)
+        self.deaths: list[list[float]] = [[] for _ in specs]  # when each slot's workers died, the last minute
         self.info: dict | None = None        # the model as the first ready worker described it
         self.closing = False
         self._ids = itertools.count(1)
@@ -187,9 +189,21 @@ class WorkerPool:
                         f"(exit code {h.process.exitcode}); see its log")
             return
         metrics.WORKER_RESTARTS.inc()
-        delay = min(MAX_BACKOFF_S, 2.0 ** self.failures[h.slot] - 1)
-        log.error("worker died; restarting", extra={"slot": h.slot, "exitcode": h.process.exitcode,
-                                                    "restart_in_s": delay})
+        now = time.monotonic()
+        recent = self.deaths[h.slot] = [t for t in self.deaths[h.slot] if now - t < CRASH_WINDOW_S] + [now]
+        # a death now and then restarts at once; a slot that keeps dying (before it is ready, or more than once
+        # a minute once it served) waits 1, 2, 4 ... up to 30 s, so a crash loop does not spin the machine
+        delay = min(MAX_BACKOFF_S, max(2.0 ** self.failures[h.slot] - 1, 2.0 ** (len(recent) - 2) if
+                                       len(recent) > 1 else 0.0))
+        metrics.WORKER_BACKOFF_SECONDS.labels(str(h.slot)).set(delay)
+        if delay:
+            metrics.WORKER_BACKOFFS.inc()
+            log.error("worker keeps dying; restarting it after a pause", extra={
+                "slot": h.slot, "exitcode": h.process.exitcode, "deaths_last_minute": len(recent),
+                "deaths_before_ready": self.failures[h.slot], "restart_in_s": delay})
+        else:
+            log.error("worker died; restarting", extra={"slot": h.slot, "exitcode": h.process.exitcode,
+                                                        "restart_in_s": delay})
         asyncio.get_running_loop().call_later(delay, self._spawn, h.slot)
 
     # --- requests ------------------------------------------------------------------------------------

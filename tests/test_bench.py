@@ -74,6 +74,14 @@ def test_in_process_sections_table_json_and_plot(model_path, naive_rows, tmp_pat
     res["serving"] = {"mean_new_tokens": 4.0, "flops_per_request": 1e8, "ours": naive_rows, "naive": naive_rows}
     goals = report.goals(res)
     assert [g["goal"][:2] for g in goals] == ["1.", "1.", "1.", "2.", "3.", "4."]
+    # ... and the lines of issues 16 and 21, on the same rows: a goal for /ground, a line for two workers
+    p50, rate = naive_rows[0]["p50_ms"], naive_rows[0]["throughput"]
+    res["serving"] |= {"ground": {"caption_p50_ms": p50, "ground_p50_ms": 2 * p50, "ratio": 2.0, "requests": 4},
+                       "workers": {"clients": 3, "one": naive_rows[-1], "two": naive_rows[-1], "ratio": 1.0}}
+    goals = report.goals(res)
+    assert [g["goal"][:2] for g in goals] == ["1.", "1.", "1.", "2.", "2.", "3.", "4."] and goals[4]["met"]
+    assert "/v1/ground without a box" in report.table(res) and "--workers 2 against 1" in report.table(res)
+    assert rate > 0
     assert all(finite(g["value"]) and isinstance(g["met"], bool) for g in goals)
     text = report.table(res)
     for part in ("1. engine vs HF", "2. serving", "3. refer p50", "4. encoder model FLOPs", "5. scaling",

@@ -216,6 +216,28 @@ def test_with_two_workers_a_killed_one_loses_nothing(model_path, images, tmp_pat
         assert two.metric("locca_worker_restarts_total") == 1
 
 
+def test_a_worker_that_keeps_dying_is_restarted_after_a_pause(model_path, images, tmp_path):
+    """Issue 21's crash-loop guard: the first death restarts at once; the second within a minute waits 1 s, and
+    the log and the metrics say why."""
+    with launch.launch(tmp_path / "serve.log", model=model_path, backend="torch", threads=1, api_keys=KEY) as s:
+        pauses = []
+        for _ in range(2):
+            (pid,) = s.worker_pids()
+            os.kill(pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            while s.worker_pids() in ([pid], []) and time.monotonic() - t0 < 30:
+                time.sleep(0.02)
+            pauses.append(time.monotonic() - t0)
+            s.wait("/readyz", timeout=60)
+        assert s.metric("locca_worker_restarts_total") == 2 and s.metric("locca_worker_backoffs_total") == 1
+        assert s.metric("locca_worker_backoff_seconds", 'slot="0"') == 1.0
+        assert pauses[1] >= 1.0 > pauses[0], pauses
+        log = (tmp_path / "serve.log").read_text()
+        assert '"msg": "worker keeps dying; restarting it after a pause"' in log and '"restart_in_s": 1.0' in log
+        with LoccaClient(s.url, retries=0, api_key=KEY) as c:
+            assert c.caption(images[0], max_new_tokens=6).caption
+
+
 def test_a_hung_worker_costs_its_requests_their_deadline_not_a_hang(server, images):
     (pid,) = server.worker_pids()
     os.kill(pid, signal.SIGSTOP)
