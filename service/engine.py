@@ -3,9 +3,10 @@ the worker pool. REST (service/rest.py) and gRPC (service/grpc_server.py) only c
 
 Admission: at most `max_queue` requests are held at once (429 / RESOURCE_EXHAUSTED beyond, before any work is
 done), none before the model was first served or while draining (503 / UNAVAILABLE); while a worker restarts,
-admitted requests wait for it (service/pool.py), and readiness says 503 / NOT_SERVING meanwhile. Deadline: the shorter of the client's and
-`request_timeout_s`, on the monotonic clock, enforced here and in the worker. Cancellation: cancelling the
-awaiting task (a REST client that went away, a gRPC deadline or cancel) aborts the job in its worker.
+admitted requests wait for it (service/pool.py), and readiness says 503 / NOT_SERVING meanwhile. Deadline:
+the shorter of the client's and `request_timeout_s`, on the monotonic clock, enforced here and in the worker.
+Cancellation: cancelling the awaiting task (a REST client that went away, a gRPC deadline or cancel) aborts
+the job in its worker.
 """
 
 from __future__ import annotations
