@@ -4,7 +4,7 @@
 row; the rest of this module reads the answer.
 
 A shapes-world caption lists every object as `a <size> <colour> <shape>`, left to right by box centre, joined
-by `, ` and ` and ` (shared/specs/shapes-world.md, Texts). `object_phrases` finds each phrase's character span;
+by `, ` and ` and ` (docs/shapes-world.md, Texts). `object_phrases` finds each phrase's character span;
 `link` pairs the phrases with regions (box + referring expression, model/regions.py): a region may stand for a
 phrase when every attribute word of its expression is in the phrase ("the red circle" for "large red circle");
 twins, one phrase twice, take their regions in the caption's left-to-right order. A model trained on other captions needs its own phrase finder; `link`

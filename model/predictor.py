@@ -63,15 +63,21 @@ class Predictor:
         if ask.task == "propose" and not self.region_options.twins:
             return RegionSearch(query, budget, self.grammar, self.tasks, S, self.region_options)
         if ask.task == "propose":  # a caption beside the regions names twins (model/phrases.py name_twins)
-            query = Query(ask.image, "caption", tuple(self.tasks.caption_prompt()))
-            ask = Ask(ask.image, "grounded")
-        search = BeamSearch(query, budget_for(query, self.options, S), self.options.beam_size, self.grammar,
-                            self.options.length_penalty)
+            return self._grounded(ask.image)
         if ask.task == "grounded":
-            regions = Query(ask.image, "propose", tuple(self.tasks.propose_prompt()))
-            return GroundedCaption(search, RegionSearch(regions, budget_for(regions, self.options, S),
-                                                        self.grammar, self.tasks, S, self.region_options))
-        return search
+            return self._grounded(ask.image, query, budget)
+        return BeamSearch(query, budget, self.options.beam_size, self.grammar, self.options.length_penalty)
+
+    def _grounded(self, image: int, caption: Query | None = None, budget: int | None = None) -> GroundedCaption:
+        """A caption (by default, the plain one of `image`) and the region search, side by side."""
+        S = self.inference.cfg.max_seq_len
+        caption = caption or Query(image, "caption", tuple(self.tasks.caption_prompt()))
+        budget = budget or budget_for(caption, self.options, S)
+        regions = Query(image, "propose", tuple(self.tasks.propose_prompt()))
+        return GroundedCaption(
+            BeamSearch(caption, budget, self.options.beam_size, self.grammar, self.options.length_penalty),
+            RegionSearch(regions, budget_for(regions, self.options, S), self.grammar, self.tasks, S,
+                         self.region_options))
 
     def run(self, images: Sequence[Image.Image], asks: Sequence[Ask]) -> list[dict]:
         """Answer every ask; images are encoded once. Returns one dict per ask, in order."""
@@ -85,8 +91,8 @@ class Predictor:
         """A finished search's answer: {"regions"} for propose; {"text", "score", "phrases"} for grounded
         (phrases: text, span, and box or None); {"box" and/or "text", "score"} otherwise."""
         if ask.task == "propose" and isinstance(search, GroundedCaption):
-            caption = self.tasks.parse("caption", search.caption.best(1)[0].tokens, *size)["text"]
-            found = name_twins(caption, search.region_search.candidates(*size), size[0])
+            text = self.tasks.parse("caption", search.caption.best(1)[0].tokens, *size)["text"]
+            found = name_twins(text, search.region_search.candidates(*size), size[0])
             return {"regions": [public(r) for r in found][: ask.max_regions]}
         if ask.task == "propose":
             return {"regions": search.regions(*size, ask.max_regions)}

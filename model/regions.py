@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .decoding import Grammar, GrammarState, Query, log_softmax
-from .tasks import GRAMMARS, Tasks
+from .tasks import GRAMMARS, MIN_NEW_TOKENS, Tasks
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class Branch:
     state: GrammarState
     lps: list[float] = field(default_factory=list)   # log-probability of each generated token
     lead: float = 0.0              # log-probability of the corner that started it (ranks the rows)
-    group: int = -1                # listen: the index of the region it checks
+    checks: tuple[int, ...] = ()   # listen: the regions (indices into `found`) whose text it resolves
 
     @property
     def generated(self) -> list[int]:
@@ -109,7 +109,6 @@ class RegionSearch:
         self.branches = [Branch(prompt, len(prompt), len(prompt), GrammarState(GRAMMARS["propose"], budget))]
         self.found: list[Region] = []
         self.done_rows: list[Branch] = []       # proposing rows that wrote a box and a text
-        self.same_text: dict[int, list[int]] = {}  # listening: a region -> the regions with its text
         self.rows: list[int] = []
         self.src: list[int] = []
         self.started = self.listening = self.done = False
@@ -152,7 +151,7 @@ class RegionSearch:
                 b.state.advance(t, self.tok)
                 nxt.append((row, b))
             elif self.listening:
-                for j in self.same_text[b.group]:
+                for j in b.checks:
                     self.found[j].listened = b.generated[:4]
             elif len(b.generated) >= 7 and b.generated[4] == self.tok.sep_id:
                 self.done_rows.append(b)
@@ -209,7 +208,7 @@ class RegionSearch:
             boxes = {k: self._norm(nxt[k][1].generated[:4]) for k in boxed}
             kept: list[int] = []
             for k in sorted(boxed, key=lambda k: -nxt[k][1].lead):
-                if any(boxes[k] == boxes[j] or iou(boxes[k], boxes[j]) >= self.options.same_box_iou for j in kept):
+                if any(iou(boxes[k], boxes[j]) >= self.options.same_box_iou for j in kept):  # identical: 1.0
                     gone.add(k)
                 else:
                     kept.append(k)
@@ -248,11 +247,10 @@ class RegionSearch:
         for text, members in texts.items():
             prompt = self.tasks.refer_prompt(self.tok.decode(list(text)).strip())
             budget = self.seq_len - len(prompt)
-            if budget < MIN_LISTEN_TOKENS:
+            if budget < MIN_NEW_TOKENS["refer"]:
                 continue                      # no room to listen: the regions stay unchecked
             out.append((row, Branch(prompt, len(prompt), 0, GrammarState(GRAMMARS["refer"], budget),
-                                    group=members[0])))
-            self.same_text[members[0]] = members
+                                    checks=tuple(members))))
         return out
 
     def _norm(self, locs: list[int]) -> list[float]:
@@ -297,6 +295,3 @@ def _overlapping(boxes: list[list[float]]) -> list[list[int]]:
     for i in range(len(boxes)):
         clusters.setdefault(root(i), []).append(i)
     return list(clusters.values())
-
-
-MIN_LISTEN_TOKENS = 5  # four corners and <eos>

@@ -211,17 +211,17 @@ class WorkerPool:
         """Run one task on the least busy ready worker, waiting for one if none is; `deadline` is on the
         monotonic clock. A request whose worker dies is run again, once, on the next ready worker. Cancelling
         the caller (client gone, gRPC deadline) or passing the deadline aborts the job in the worker."""
-        for attempt in range(2):
-            h = await self._ready_worker(deadline)
-            try:
-                return await self._run_on(h, task, pixels, deadline)
-            except WorkerDied:
-                if attempt:
-                    raise Unavailable("the model workers serving this request died twice; retry",
-                                      retry_after=self.retry_after) from None
-                metrics.REQUESTS_RETRIED.inc()
-                log.warning("the worker holding a request died; queueing it again", extra={"slot": h.slot})
-        raise AssertionError("unreachable")
+        h = await self._ready_worker(deadline)
+        try:
+            return await self._run_on(h, task, pixels, deadline)
+        except WorkerDied:
+            metrics.REQUESTS_RETRIED.inc()
+            log.warning("the worker holding a request died; queueing it again", extra={"slot": h.slot})
+        try:
+            return await self._run_on(await self._ready_worker(deadline), task, pixels, deadline)
+        except WorkerDied:
+            raise Unavailable("the model workers serving this request died twice; retry",
+                              retry_after=self.retry_after) from None
 
     async def _ready_worker(self, deadline: float) -> WorkerHandle:
         while True:

@@ -19,32 +19,34 @@ from .client import LoccaClient, image_bytes
 
 def answers_over_rest(url: str, scenes: list[Scene], workers: int = 8, api_key: str | None = None,
                       max_regions: int | None = None, progress: bool = True) -> list[SceneAnswers]:
-    with LoccaClient(url, timeout=120, retries=8, api_key=api_key) as client:
-        if not client.ready():
-            raise SystemExit(f"the server at {url} is not ready (GET /readyz); start it with `locca serve`")
+    def ask(client: LoccaClient, scene: Scene) -> SceneAnswers:
+        data = image_bytes(scene.image)  # PNG-encoded once for the scene's 2 + 2 x objects requests
+        caption = client.caption(data, grounded=True)
+        return SceneAnswers(
+            caption.caption,
+            [{"box": r.box, "text": r.text} for r in client.ground(data, max_regions=max_regions)],
+            [client.refer(data, e).box for e in scene.expressions],
+            [client.ground(data, box=o.box)[0].text for o in scene.objects],
+            [{"text": p.text, "box": p.box} for p in caption.phrases])
 
-        def ask(scene: Scene) -> SceneAnswers:
-            data = image_bytes(scene.image)  # PNG-encoded once for the scene's 2 + 2 x objects requests
-            caption = client.caption(data, grounded=True)
-            return SceneAnswers(
-                caption.caption,
-                [{"box": r.box, "text": r.text} for r in client.ground(data, max_regions=max_regions)],
-                [client.refer(data, e).box for e in scene.expressions],
-                [client.ground(data, box=o.box)[0].text for o in scene.objects],
-                [{"text": p.text, "box": p.box} for p in caption.phrases])
-
-        with ThreadPoolExecutor(workers) as pool:
-            return list(tqdm(pool.map(ask, scenes), total=len(scenes), disable=not progress, desc="eval",
-                             unit="scene"))
+    return _each_scene(url, scenes, ask, workers, api_key, progress, "eval")
 
 
 def regions_over_rest(url: str, scenes: list[Scene], workers: int = 8, api_key: str | None = None,
                       progress: bool = True) -> list[list[dict]]:
     """Every scene's regions (ground without a box), as `locca eval --url` scores crowded scenes."""
-    with LoccaClient(url, timeout=120, retries=8, api_key=api_key) as client:
-        def ask(scene: Scene) -> list[dict]:
-            return [{"box": r.box, "text": r.text} for r in client.ground(image_bytes(scene.image))]
+    def ask(client: LoccaClient, scene: Scene) -> list[dict]:
+        return [{"box": r.box, "text": r.text} for r in client.ground(image_bytes(scene.image))]
 
+    return _each_scene(url, scenes, ask, workers, api_key, progress, "crowded")
+
+
+def _each_scene(url: str, scenes: list[Scene], ask, workers: int, api_key: str | None, progress: bool,
+                desc: str) -> list:
+    """ask(client, scene) for every scene, `workers` at once, in order, against a ready server."""
+    with LoccaClient(url, timeout=120, retries=8, api_key=api_key) as client:
+        if not client.ready():
+            raise SystemExit(f"the server at {url} is not ready (GET /readyz); start it with `locca serve`")
         with ThreadPoolExecutor(workers) as pool:
-            return list(tqdm(pool.map(ask, scenes), total=len(scenes), disable=not progress, desc="crowded",
-                             unit="scene"))
+            return list(tqdm(pool.map(lambda scene: ask(client, scene), scenes), total=len(scenes),
+                             disable=not progress, desc=desc, unit="scene"))
