@@ -13,6 +13,8 @@ import sys
 COMMANDS = {
     "train": ("model.train", "train or resume a model (single process, or DDP under torchrun)"),
     "eval": ("model.evaluate", "evaluate a checkpoint on held-out shapes-world scenes"),
+    "transfer": ("model.transfer", "the encoder-transfer experiment: LocCa vs Cap-only pretraining, frozen-encoder "
+                 "probes"),
     "export": ("export.onnx_export", "export a checkpoint to an ONNX bundle (encoder, KV-cache decoder, manifest)"),
     "serve": ("service.cli", "serve a model: REST and gRPC, continuous batching, supervised model workers"),
     "predict": ("service.predict", "caption, refer or ground one image, here or via --url: JSON and a drawing"),

@@ -93,6 +93,10 @@ SIZES: dict[str, ModelConfig] = {
     "tiny": ModelConfig(image_size=128, patch_size=16, enc_width=192, enc_depth=4, enc_heads=3, enc_mlp=768,
                         enc_posemb="sincos2d", dec_width=192, dec_depth=3, dec_heads=3, dec_mlp=768,
                         max_seq_len=48, vocab_size=1100),
+    # smaller still: the encoder-transfer experiment's size (model/transfer.py), 10 runs in ~100 CPU minutes
+    "micro": ModelConfig(image_size=64, patch_size=8, enc_width=128, enc_depth=3, enc_heads=4, enc_mlp=512,
+                         enc_posemb="sincos2d", dec_width=128, dec_depth=2, dec_heads=4, dec_mlp=512,
+                         max_seq_len=48, vocab_size=1100),
     "S/16": ModelConfig(enc_width=384, enc_depth=12, enc_heads=6, enc_mlp=1536,
                         dec_width=384, dec_depth=6, dec_heads=6, dec_mlp=1536),
     "B/16": ModelConfig(enc_width=768, enc_depth=12, enc_heads=12, enc_mlp=3072,
@@ -145,6 +149,10 @@ class TrainConfig:
     crowd_objects: tuple[int, ...] = (7, 8)  # GCap targets only), so /ground copes with crowded images (issue 16)
     init_from: str | None = None       # start from this checkpoint's weights and tokenizer (fine-tune, or go on
                                        # with a run whose optimizer state is gone); model and box configs must match
+    init_encoder_from: str | None = None  # copy only the encoder's weights from this checkpoint; the decoder, its
+                                       # cross-attention and the token and position embeddings start fresh
+    freeze_encoder: bool = False       # the encoder gets no gradients, stays in eval mode and is not optimised
+                                       # (a frozen-encoder probe, model/transfer.py)
     precision: str = "auto"            # auto: bf16 autocast where the hardware has bf16 units, else fp32
     num_workers: int = 2               # data-loading processes per rank
     log_every: int = 20
@@ -169,6 +177,8 @@ class TrainConfig:
             raise ValueError(f"loc_init must be 'random' or 'sincos', got {self.loc_init!r}")
         if not 0 <= self.crowd_prob <= 1 or not all(1 <= n <= 64 for n in self.crowd_objects):
             raise ValueError("need crowd_prob in [0, 1] and crowd_objects in [1, 64]")
+        if self.init_from and self.init_encoder_from:
+            raise ValueError("init_from and init_encoder_from exclude each other: a whole model, or an encoder")
         if self.eval_every < 0 or self.curriculum_steps < 0 or self.data_start < 0:
             raise ValueError("eval_every, curriculum_steps and data_start must be >= 0")
 

@@ -2,6 +2,7 @@
 
     locca eval models/locca-tiny-shapes/checkpoint.safetensors --scenes 1000     # in-process (PyTorch)
     locca eval --url http://127.0.0.1:8000 --scenes 1000                          # a running server, over REST
+    locca eval CHECKPOINT --only refer                                            # referring expressions alone
 
 Metrics (shapes-world spec, Evaluation):
     refer_acc50        share of referring expressions whose predicted box has IoU >= 0.5 with the true box
@@ -86,27 +87,38 @@ def phrase_accuracy(scenes: list[Scene], answers: list[SceneAnswers]) -> float:
     return right / total if total else 0.0
 
 
-def score(scenes: list[Scene], answers: list[SceneAnswers]) -> dict:
-    """The spec's metrics of `answers` against the truth of `scenes` (one SceneAnswers per scene)."""
-    refer_iou, describe_ok = [], []
-    captions, references = {}, {}
-    for i, (s, a) in enumerate(zip(scenes, answers, strict=True)):
-        captions[i], references[i] = [_cider_tokens(a.caption)], [_cider_tokens(s.caption)]
-        refer_iou += [iou(box, o.box) for box, o in zip(a.refer_boxes, s.objects, strict=True)]
-        describe_ok += [t == e for t, e in zip(a.describe_texts, s.expressions, strict=True)]
-    exact = [captions[k][0] == references[k][0] for k in captions]
-    cider, _ = Cider().compute_score(references, captions)
-    ious = np.array(refer_iou)
-    return {"scenes": len(scenes), "refer_acc50": float((ious >= 0.5).mean()), "refer_miou": float(ious.mean()),
-            "caption_exact": float(np.mean(exact)), "caption_cider": float(cider),
-            "describe_exact": float(np.mean(describe_ok)),
-            **proposal_scores(scenes, [a.regions for a in answers]),
-            "phrase_acc": phrase_accuracy(scenes, answers)}
+PARTS = ("refer", "caption", "describe", "ground")  # what `evaluate` can be limited to (--only)
+
+
+def score(scenes: list[Scene], answers: list[SceneAnswers], parts: tuple[str, ...] = PARTS) -> dict:
+    """The spec's metrics of `answers` against the truth of `scenes` (one SceneAnswers per scene), for the
+    `parts` asked: refer (refer_*), caption (caption_*), describe (describe_exact), ground (proposal_*,
+    phrase_acc)."""
+    out: dict = {"scenes": len(scenes)}
+    if "refer" in parts:
+        ious = np.array([iou(box, o.box) for s, a in zip(scenes, answers, strict=True)
+                         for box, o in zip(a.refer_boxes, s.objects, strict=True)])
+        out |= {"refer_acc50": float((ious >= 0.5).mean()), "refer_miou": float(ious.mean())}
+    if "caption" in parts:
+        captions = {i: [_cider_tokens(a.caption)] for i, a in enumerate(answers)}
+        references = {i: [_cider_tokens(s.caption)] for i, s in enumerate(scenes)}
+        cider, _ = Cider().compute_score(references, captions)
+        out |= {"caption_exact": float(np.mean([captions[k] == references[k] for k in captions])),
+                "caption_cider": float(cider)}
+    if "describe" in parts:
+        out["describe_exact"] = float(np.mean([t == e for s, a in zip(scenes, answers, strict=True)
+                                               for t, e in zip(a.describe_texts, s.expressions, strict=True)]))
+    if "ground" in parts:
+        out |= {**proposal_scores(scenes, [a.regions for a in answers]), "phrase_acc": phrase_accuracy(scenes, answers)}
+    return out
 
 
 def evaluate(inference, tasks, scenes: list[Scene], batch_images: int = 32, max_regions: int = DEFAULT_REGIONS,
-             progress: bool = True) -> dict:
-    """Every task on every scene through model/predictor.Predictor, scored."""
+             progress: bool = True, parts: tuple[str, ...] = PARTS) -> dict:
+    """The `parts` (default: every task) on every scene through model/predictor.Predictor, scored. A part left
+    out is not asked at all: parts=("refer",) decodes only the referring expressions (a localisation probe)."""
+    if unknown := set(parts) - set(PARTS):
+        raise ValueError(f"unknown evaluation parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     predictor = Predictor(inference, tasks)
     answers: list[SceneAnswers] = []
     t0 = time.perf_counter()
@@ -114,17 +126,29 @@ def evaluate(inference, tasks, scenes: list[Scene], batch_images: int = 32, max_
         chunk = scenes[start:start + batch_images]
         asks = []
         for j, s in enumerate(chunk):
-            asks += [Ask(j, "grounded"), Ask(j, "propose", max_regions=max_regions)]
-            asks += [Ask(j, "refer", expression=e) for e in s.expressions]
-            asks += [Ask(j, "describe", box=o.box) for o in s.objects]
+            if "ground" in parts:  # a grounded caption is also the caption
+                asks += [Ask(j, "grounded"), Ask(j, "propose", max_regions=max_regions)]
+            elif "caption" in parts:
+                asks.append(Ask(j, "caption"))
+            if "refer" in parts:
+                asks += [Ask(j, "refer", expression=e) for e in s.expressions]
+            if "describe" in parts:
+                asks += [Ask(j, "describe", box=o.box) for o in s.objects]
         out = iter(predictor.run([s.image for s in chunk], asks))
         for s in chunk:
-            caption, propose = next(out), next(out)
-            refer = [next(out)["box"] for _ in s.objects]
-            describe = [next(out)["text"] for _ in s.objects]
-            answers.append(SceneAnswers(caption["text"], propose["regions"], refer, describe,
-                                        [{"text": p["text"], "box": p["box"]} for p in caption["phrases"]]))
-    return {**score(scenes, answers), "seconds": time.perf_counter() - t0}
+            a = SceneAnswers("", [])
+            if "ground" in parts:
+                caption, propose = next(out), next(out)
+                a.caption, a.regions = caption["text"], propose["regions"]
+                a.phrases = [{"text": p["text"], "box": p["box"]} for p in caption["phrases"]]
+            elif "caption" in parts:
+                a.caption = next(out)["text"]
+            if "refer" in parts:
+                a.refer_boxes = [next(out)["box"] for _ in s.objects]
+            if "describe" in parts:
+                a.describe_texts = [next(out)["text"] for _ in s.objects]
+            answers.append(a)
+    return {**score(scenes, answers, parts), "seconds": time.perf_counter() - t0}
 
 
 def evaluate_crowded(inference, tasks, scenes: list[Scene], batch_images: int = 32, progress: bool = True) -> dict:
@@ -156,6 +180,9 @@ def add_arguments(p):
                    "for crowded_proposal_recall / _precision (default 200; 0: none)")
     p.add_argument("--crowded-objects", type=int, default=8, help="objects in each crowded scene (default 8, more "
                    "than the spec's 6)")
+    p.add_argument("--only", default=None, metavar="PARTS",
+                   help=f"evaluate only these parts, comma-separated from {','.join(PARTS)} (e.g. --only refer: the "
+                        "referring expressions alone, no captions or proposals; in-process only)")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
 
 
@@ -165,8 +192,14 @@ def run(args) -> int:
 
     if (args.checkpoint is None) == (args.url is None):
         raise SystemExit("locca eval: give either a checkpoint or --url URL (a running server)")
+    parts = PARTS if args.only is None else tuple(p.strip() for p in args.only.split(",") if p.strip())
+    if not parts or set(parts) - set(PARTS):
+        raise SystemExit(f"locca eval --only {args.only!r}: choose parts from {', '.join(PARTS)}")
+    if args.url and parts != PARTS:
+        raise SystemExit("locca eval: --only evaluates a checkpoint in-process; over --url every part is asked")
     scenes = heldout_scenes(args.scenes, args.offset)
-    crowded = heldout_scenes(args.crowded, args.offset, args.crowded_objects) if args.crowded else []
+    crowded = heldout_scenes(args.crowded, args.offset, args.crowded_objects) if args.crowded and "ground" in parts \
+        else []
     if args.url:
         from service.remote_eval import answers_over_rest, regions_over_rest  # noqa: PLC0415 (no torch there)
 
@@ -179,7 +212,7 @@ def run(args) -> int:
     else:
         bundle = load(args.checkpoint)
         inference = TorchInference(bundle.model)
-        metrics = evaluate(inference, bundle.tasks, scenes, args.batch_images)
+        metrics = evaluate(inference, bundle.tasks, scenes, args.batch_images, parts=parts)
         if crowded:
             metrics |= evaluate_crowded(inference, bundle.tasks, crowded, args.batch_images)
         metrics["checkpoint_step"] = bundle.meta.get("step")

@@ -246,7 +246,8 @@ class LocCa(nn.Module):
 
         pixels (B, 3, S, S); tokens (B, K, T): K target sequences per image (LocCa: Cap, ARef, GCap).
         lengths: optional longest real length of each of the K targets; the decoder then runs each target
-        trimmed to its own length (a box target is a third of a caption's), and logits past it are zero.
+        trimmed to its own length (a box target is a third of a caption's), and logits past it are zero. A
+        length of 0 skips the target (all its logits zero): a task the run gives no weight costs nothing.
         Returns logits (B, K, T, V) where position t predicts token t + 1.
         """
         B, K, T = tokens.shape
@@ -254,11 +255,10 @@ class LocCa(nn.Module):
         if lengths is None:
             return self._decode(tokens.reshape(B * K, T), ck.repeat_interleave(K, dim=1),
                                 cv.repeat_interleave(K, dim=1)).view(B, K, T, -1)
-        out = []
-        for k, n in enumerate(lengths):
-            logits = self._decode(tokens[:, k, :n], ck, cv)  # (B, n, V)
-            out.append(F.pad(logits, (0, 0, 0, T - n)))
-        return torch.stack(out, dim=1)
+        out = [F.pad(self._decode(tokens[:, k, :n], ck, cv), (0, 0, 0, T - n)) if n else None  # (B, T, V)
+               for k, n in enumerate(lengths)]
+        like = next((o for o in out if o is not None), ck.new_zeros(B, T, self.cfg.vocab_size))
+        return torch.stack([torch.zeros_like(like) if o is None else o for o in out], dim=1)
 
     def _decode(self, tokens: Tensor, ck: Tensor, cv: Tensor) -> Tensor:
         """Full-sequence causal decoding without a cache: tokens (R, T), cross K/V (L, R, H, N, Dh)."""

@@ -23,7 +23,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if metrics:
         steps = [m["step"] for m in metrics]
         for key in ("loss", "Cap", "ARef", "GCap"):
-            axes[0].plot(steps, [m[key] for m in metrics], label=key, lw=1.5 if key == "loss" else 1)
+            if metrics[-1].get(key) is not None:  # a task the run gives no weight has no loss
+                axes[0].plot(steps, [m[key] for m in metrics], label=key, lw=1.5 if key == "loss" else 1)
         axes[0].set_yscale("log")
         axes[0].set(title="training loss", xlabel="step")
         axes[0].legend()
@@ -35,7 +36,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if evals:
         steps = [e["step"] for e in evals]
         for key in ("refer_acc50", "caption_exact", "describe_exact", "proposal_precision"):
-            axes[2].plot(steps, [e[key] for e in evals], marker="o", label=key)
+            if key in evals[-1]:
+                axes[2].plot(steps, [e[key] for e in evals], marker="o", label=key)
         axes[2].set(title="held-out evaluation", xlabel="step", ylim=(0, 1))
         axes[2].legend()
     fig.suptitle(run_dir.name)

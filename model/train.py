@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import checkpoint
-from .batch import Collator, task_layout
+from .batch import TASK_NAMES, Collator, task_layout
 from .codec import BoxCodec
 from .config import TrainConfig
 from .losses import PREFIX, locca_loss
@@ -107,6 +107,28 @@ def parallel_inputs(tokens: torch.Tensor, index: torch.Tensor, cfg: TrainConfig,
     return inputs
 
 
+ENCODER_FIELDS = ("image_size", "patch_size", "enc_width", "enc_depth", "enc_heads", "enc_mlp", "enc_posemb")
+
+
+def copy_encoder(model: torch.nn.Module, path: str | Path) -> None:
+    """Load only the encoder's weights from the checkpoint at `path` into `model` (init_encoder_from); the
+    decoder, its cross-attention projections and the embeddings keep their fresh initialisation."""
+    source = checkpoint.load(path).model
+    differ = [f"{f} {getattr(source.cfg, f)} here {getattr(model.cfg, f)}" for f in ENCODER_FIELDS
+              if getattr(source.cfg, f) != getattr(model.cfg, f)]
+    if differ:
+        raise ValueError(f"init_encoder_from {path}: its encoder differs from this config's ({'; '.join(differ)}); "
+                         "make the config's encoder fields those of the checkpoint")
+    model.encoder.load_state_dict(source.encoder.state_dict())
+
+
+def train_mode(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Training mode, except a frozen encoder (freeze_encoder), which stays in eval mode."""
+    model.train()
+    if cfg.freeze_encoder:
+        model.encoder.eval()
+
+
 class Run:
     """Files of a run directory."""
 
@@ -170,7 +192,12 @@ def train(cfg: TrainConfig, out: str | Path, stop_after: int | None = None, time
             model = checkpoint.build(cfg.model, tok, cfg.box)
             if cfg.loc_init == "sincos":
                 init_location_embeddings(model, tok.loc_offset, tok.num_loc)
-    model.to(dev).train()
+            if cfg.init_encoder_from:
+                copy_encoder(model, cfg.init_encoder_from)
+    if cfg.freeze_encoder:
+        model.encoder.requires_grad_(False)
+    model.to(dev)
+    train_mode(model, cfg)
     tasks = Tasks(tok, BoxCodec(cfg.box, tok.loc_offset))
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                             fused=dev.type == "cuda")
@@ -205,6 +232,7 @@ def train(cfg: TrainConfig, out: str | Path, stop_after: int | None = None, time
         tokens = batch["tokens"].to(dev, non_blocking=True)
         inputs = parallel_inputs(batch["tokens"], batch["index"], cfg, tok).to(dev)
         lengths = (tokens != tok.pad_id).sum(-1).amax(0).tolist()  # longest of each task in this batch
+        lengths = [n if cfg.task_weights[task] else 0 for n, task in zip(lengths, layout, strict=True)]
         with autocast:
             logits = ddp(batch["pixels"].to(dev, non_blocking=True), inputs, lengths)
         loss, parts = locca_loss(logits, tokens, tok, cfg.task_weights, cfg.loc_sigma, layout)
@@ -221,8 +249,10 @@ def train(cfg: TrainConfig, out: str | Path, stop_after: int | None = None, time
                 dist.all_reduce(stats)
                 stats /= world
             elapsed = time.perf_counter() - t0
-            row = {"step": step, "loss": stats[0].item(), "Cap": stats[1].item(), "ARef": stats[2].item(),
-                   "GCap": stats[3].item(), "grad_norm": stats[4].item(), "lr": lr,
+            row = {"step": step, "loss": stats[0].item(),
+                   **{name: stats[1 + i].item() if cfg.task_weights[i] else None  # a task not trained: no loss
+                      for i, name in enumerate(TASK_NAMES)},
+                   "grad_norm": stats[4].item(), "lr": lr,
                    "images_per_s": seen / elapsed, "bf16": bf16, "world": world}
             window, t0, seen = [], time.perf_counter(), 0
             if lead:
@@ -233,7 +263,7 @@ def train(cfg: TrainConfig, out: str | Path, stop_after: int | None = None, time
             save_state(run, model, tok, cfg, opt, step, lead, world)
         if lead and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             evaluate_during_training(run, model, tasks, cfg, step, dev)
-            model.train()
+            train_mode(model, cfg)
         if world > 1 and cfg.eval_every and step % cfg.eval_every == 0:
             dist.barrier()
     bar.close()
