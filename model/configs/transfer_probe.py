@@ -9,7 +9,7 @@ from model.configs.transfer_pretrain import CONFIG as PRETRAIN
 CONFIG = PRETRAIN.replace(
     task_weights=(0.0, 1.0, 0.0),
     freeze_encoder=True,
-    steps=1500,
-    curriculum_steps=500,
+    steps=1000,
+    curriculum_steps=300,
     data_start=100_000_000,  # scenes no pretraining arm saw
 )
