@@ -33,7 +33,7 @@ import torch
 
 from model.model import LocCa
 
-from .onnx_backend import io_names
+from .bundle_format import io_names
 
 EPS = 1e-5  # nn.LayerNorm's default
 

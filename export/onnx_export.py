@@ -7,7 +7,7 @@
 The bundle: encoder.onnx, decoder.onnx, tokenizer.json, config.json (model + box config, checkpoint
 metadata), in fp32 and int8 bundles decoder_cpu.onnx (the same step in ONNX Runtime's fused CPU operators,
 export/cpu_decoder.py, which the CPU backend prefers) and manifest.json (sha256 of each file, checked at load). Graphs, with B, T and S dynamic
-(the names are export/onnx_backend.io_names; letters as in model/model.py):
+(the names are export/bundle_format.io_names; letters as in model/model.py):
 
     encoder  pixels (B, 3, I, I) float32 -> visual (B, N, D), cross_k_l, cross_v_l (B, H, N, Dh) for each layer l
     decoder  tokens, positions (B, T) int64, past_k_l, past_v_l (B, H, S, Dh), cross_k_l, cross_v_l (B, H, N, Dh)
@@ -39,7 +39,7 @@ from model import checkpoint
 from model.model import LocCa
 
 from . import cpu_decoder
-from .onnx_backend import CPU_DECODER, FILES, FORMAT, io_names, sha256
+from .bundle_format import CPU_DECODER, FILES, FORMAT, io_names, read_bundle, sha256
 
 PRECISIONS = ("fp32", "fp16", "int8")
 GRAPHS = ("encoder.onnx", "decoder.onnx")  # and CPU_DECODER in fp32 and int8 bundles
@@ -181,8 +181,6 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, precision: str = "f
 
 def int8_from(fp32_dir: str | Path, out_dir: str | Path) -> Path:
     """The int8 bundle of an fp32 one (no re-export: quantization works on the ONNX graphs)."""
-    from .onnx_backend import read_bundle  # noqa: PLC0415
-
     src, out = read_bundle(fp32_dir), Path(out_dir)
     if src.manifest["precision"] != "fp32":
         raise ValueError(f"{fp32_dir} is a {src.manifest['precision']} bundle; int8 is made from fp32")

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .onnx_backend import OnnxBundle, OnnxInference, io_names, read_bundle
+from .bundle_format import OnnxBundle, io_names, read_bundle
+from .onnx_backend import OnnxInference
 
 
 def _shapes(dims: dict[str, tuple]) -> str:

@@ -14,11 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from .codec import BoxCodec
 from .config import BoxConfig, ModelConfig
+from .formats import CHECKPOINT_FORMAT
 from .model import LocCa
 from .tasks import Tasks
 from .tokenizer import LoccaTokenizer
-
-FORMAT = "locca-checkpoint/1"
 
 
 @dataclass
@@ -50,7 +49,7 @@ def save(path: str | Path, model: LocCa, tok: LoccaTokenizer, box: BoxConfig, dt
     `load` builds the model in fp32 whatever the stored type."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = {"format": FORMAT, "model_config": json.dumps(dataclasses.asdict(model.cfg)),
+    header = {"format": CHECKPOINT_FORMAT, "model_config": json.dumps(dataclasses.asdict(model.cfg)),
               "box_config": json.dumps(dataclasses.asdict(box)), "tokenizer": tok.to_json(),
               "meta": json.dumps(meta)}
     state = {k: v.detach().to(dtype if dtype and v.is_floating_point() else v.dtype).contiguous().cpu()
@@ -64,8 +63,9 @@ def save(path: str | Path, model: LocCa, tok: LoccaTokenizer, box: BoxConfig, dt
 def read_header(path: str | Path) -> dict:
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata() or {}
-    if header.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a LocCa checkpoint (format {header.get('format')!r}, expected {FORMAT})")
+    if header.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a LocCa checkpoint (format {header.get('format')!r}, "
+                         f"expected {CHECKPOINT_FORMAT})")
     return header
 
 

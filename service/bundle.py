@@ -25,10 +25,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.bundle_format import FORMAT
+from model.formats import CHECKPOINT_FORMAT
+
 from .settings import Settings
 
 log = logging.getLogger("locca.bundle")
-CHECKPOINT_FORMAT = "locca-checkpoint/1"  # model/checkpoint.py's FORMAT (imported, it would bring in torch)
 MAX_HEADER_BYTES = 100 << 20              # safetensors' own limit on a header
 
 
@@ -112,8 +114,6 @@ def stale(onnx_dir: Path, model: Path) -> bool:
     except (OSError, ValueError, AttributeError):
         log.warning("the ONNX bundle's manifest is unreadable; exporting again", extra={"bundle": str(onnx_dir)})
         return True
-    from export.onnx_backend import FORMAT  # noqa: PLC0415 (importable: checked before this is called)
-
     if manifest.get("format") != FORMAT:
         log.info("the ONNX bundle was written by another version of `locca export`; exporting again",
                  extra={"bundle": str(onnx_dir), "format": manifest.get("format"), "expected": FORMAT})

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from export.backends import load_inference
-from export.onnx_backend import BundleError, OnnxInference, io_names, load_onnx, read_bundle
+from export.bundle_format import BundleError, io_names, read_bundle
+from export.onnx_backend import OnnxInference, load_onnx
 from export.onnx_export import int8_from
 from locca import cli
 from model import checkpoint
@@ -390,7 +391,7 @@ def test_cpu_graph_is_the_cpu_default_and_writes_the_cache_in_place(exported, tm
     backend's writes would; the binding is reused while the arrays stay the same."""
     import onnx
 
-    from export.onnx_backend import CPU_DECODER
+    from export.bundle_format import CPU_DECODER
 
     _, o, d = exported
     assert o.cpu_graph and CPU_DECODER in read_bundle(d / "onnx").manifest["files"]

@@ -4,7 +4,7 @@ exports again."""
 import hashlib
 import json
 
-from export.onnx_backend import FORMAT
+from export.bundle_format import FORMAT
 from service.bundle import stale
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from export import onnx_backend
+from export import bundle_format
 from model import checkpoint
 from model.config import BoxConfig
 from model.shapes import generate_scene
@@ -358,7 +358,7 @@ def test_a_missing_or_corrupt_model_fails_at_start_with_a_clear_message(tmp_path
     files = {n: "0" * 64 for n in ("encoder.onnx", "decoder.onnx", "tokenizer.json", "config.json")}
     for n in files:
         (bundle / n).write_text("{}")
-    (bundle / "manifest.json").write_text(json.dumps({"format": onnx_backend.FORMAT, "files": files}))
+    (bundle / "manifest.json").write_text(json.dumps({"format": bundle_format.FORMAT, "files": files}))
     cases = {
         "missing": ({"model": tmp_path / "nothing-here", "backend": "torch"}, "no model at"),
         "truncated": ({"model": truncated, "backend": "torch"}, "truncated"),
