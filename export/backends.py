@@ -13,9 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.codec import BoxCodec
 from model.config import ModelConfig
 from model.tasks import Tasks
 from model.tokenizer import LoccaTokenizer
+
+from .bundle_format import read_bundle
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -63,6 +66,16 @@ def load_inference(path: str | Path, backend: str = "torch", device: str = "cpu"
         return Loaded(inf, bundle.tok, bundle.tasks, bundle.model.cfg, "torch", str(inf.device), bundle.meta)
     if dtype is not None:
         raise ValueError("an ONNX bundle's precision is chosen at export (locca export --precision)")
-    from .onnx_backend import load_onnx  # noqa: PLC0415 (onnxruntime is imported only when asked for)
-
     return load_onnx(path, device=device, threads=threads)
+
+
+def load_onnx(path: str | Path, device: str = "cpu", threads: int | None = None) -> Loaded:
+    """An exported bundle on ONNX Runtime, verified against its manifest before a session is built."""
+    from .onnx_backend import OnnxInference  # noqa: PLC0415 (onnxruntime is imported only when asked for)
+
+    bundle = read_bundle(path)
+    inf = OnnxInference(bundle, device, threads)
+    tok = LoccaTokenizer.load(bundle.dir / "tokenizer.json")
+    tasks = Tasks(tok, BoxCodec(bundle.box, tok.loc_offset))
+    meta = {**bundle.meta, "precision": bundle.manifest.get("precision")}
+    return Loaded(inf, tok, tasks, bundle.cfg, "onnxruntime", inf.device, meta)

@@ -1,7 +1,9 @@
 """ONNX Runtime backend: model/inference.py's interface over an exported bundle (export/onnx_export.py).
 
-    loaded = load_onnx("models/locca-tiny-shapes/onnx", device="cpu", threads=2)
-    loaded.inference.encode(pixels) ...                     # as TorchInference
+    inf = OnnxInference("models/locca-tiny-shapes/onnx", device="cpu", threads=2)
+    inf.encode(pixels) ...                                  # as TorchInference
+
+(export/backends.load_onnx adds the bundle's tokenizer and tasks: what a caller loads a model with.)
 
 Devices: "cpu", "cuda[:i]", "tensorrt[:i]" (the TensorRT EP, CUDA and CPU behind it for what it cannot take),
 or "auto": the first of those the installed onnxruntime offers. On CPU the caches are numpy arrays. A bundle
@@ -24,13 +26,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from model.codec import BoxCodec
 from model.config import ModelConfig
-from model.tasks import Tasks
-from model.tokenizer import LoccaTokenizer
 
-from .backends import Loaded
 from .bundle_format import CPU_DECODER, OnnxBundle, io_names, read_bundle
+from .trt_options import trt_provider_options
 
 DEVICES = ("cpu", "cuda", "tensorrt")
 
@@ -111,7 +110,7 @@ class OnnxInference:
     io_binding: keep caches as OrtValues and bind them (default: on GPUs only; on CPU it exists so that the
     GPU code path is tested without a GPU). cpu_graph: step through decoder_cpu.onnx (default: on CPU when
     the bundle has it; False: decoder.onnx, as on GPUs). trt_options: TensorRT EP options per graph,
-    {"encoder": {...}, "decoder": {...}} (default: export/trt_build.py's profiles, fp16 and engine cache for
+    {"encoder": {...}, "decoder": {...}} (default: export/trt_options.py's profiles, fp16 and engine cache for
     this bundle).
     """
 
@@ -124,7 +123,6 @@ class OnnxInference:
         self.cfg: ModelConfig = self.bundle.cfg
         self.kind, self.index = resolve_device(device)
         if self.kind == "tensorrt" and trt_options is None:
-            from .trt_build import trt_provider_options  # noqa: PLC0415
             trt_options = trt_provider_options(self.bundle)
         so = session_options(threads, inter_threads)
         bind = self.kind != "cpu" if io_binding is None else io_binding
@@ -368,11 +366,3 @@ def _row_graph(op: str, n: int, dtype) -> bytes:
     graph = helper.make_graph(nodes, f"rows_{op}", ins, [x(f"y{i}") for i in range(n)])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10).SerializeToString()
 
-
-def load_onnx(path: str | Path, device: str = "cpu", threads: int | None = None) -> Loaded:
-    bundle = read_bundle(path)
-    inf = OnnxInference(bundle, device, threads)
-    tok = LoccaTokenizer.load(bundle.dir / "tokenizer.json")
-    tasks = Tasks(tok, BoxCodec(bundle.box, tok.loc_offset))
-    meta = {**bundle.meta, "precision": bundle.manifest.get("precision")}
-    return Loaded(inf, tok, tasks, bundle.cfg, "onnxruntime", inf.device, meta)

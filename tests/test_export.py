@@ -17,9 +17,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export.backends import load_inference
+from export.backends import load_inference, load_onnx
 from export.bundle_format import BundleError, io_names, read_bundle
-from export.onnx_backend import OnnxInference, load_onnx
+from export.onnx_backend import OnnxInference
 from export.onnx_export import int8_from
 from locca import cli
 from model import checkpoint
@@ -235,7 +235,7 @@ def test_int8_variant_loads_runs_and_stays_near_fp32(exported, tmp_path):
 
 def test_tensorrt_profiles_cover_every_dynamic_input(exported):
     """TensorRT needs min <= opt <= max for every dynamic input of each graph, all in the EP's syntax."""
-    from export.trt_build import trt_provider_options
+    from export.trt_options import trt_provider_options
 
     _, o, d = exported
     opts = trt_provider_options(o.bundle, max_batch=16, opt_batch=4, cache_dir=d / "trt_cache")
