@@ -1,4 +1,4 @@
-"""Load a model for inference behind the one interface of model/inference.py, whichever backend runs it.
+"""Load a model for inference behind the one interface of model/interface.py, whichever backend runs it.
 
     load_inference("models/locca-tiny-shapes", backend="torch")        # the PyTorch checkpoint
     load_inference("models/locca-tiny-shapes/onnx", backend="onnxruntime")
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from model.codec import BoxCodec
 from model.config import ModelConfig
+from model.interface import Inference
 from model.tasks import Tasks
 from model.tokenizer import LoccaTokenizer
 
@@ -25,7 +26,7 @@ BACKENDS = ("torch", "onnxruntime")
 
 @dataclass
 class Loaded:
-    inference: object          # implements model/inference.py's interface
+    inference: Inference
     tok: LoccaTokenizer
     tasks: Tasks
     cfg: ModelConfig

@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: model/inference.py's interface over an exported bundle (export/onnx_export.py).
+"""ONNX Runtime backend: the inference interface (model/interface.py) over an exported bundle (export/onnx_export.py).
 
     inf = OnnxInference("models/locca-tiny-shapes/onnx", device="cpu", threads=2)
     inf.encode(pixels) ...                                  # as TorchInference
@@ -105,7 +105,7 @@ class OrtState:
 
 
 class OnnxInference:
-    """model/inference.py's interface on ONNX Runtime.
+    """The inference interface (model/interface.py) on ONNX Runtime.
 
     io_binding: keep caches as OrtValues and bind them (default: on GPUs only; on CPU it exists so that the
     GPU code path is tested without a GPU). cpu_graph: step through decoder_cpu.onnx (default: on CPU when

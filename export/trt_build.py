@@ -18,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from model.interface import Inference
+
 from .bundle_format import read_bundle
 from .onnx_backend import OnnxInference
 from .trt_options import trt_provider_options
 
 
-def run_story(inf, pixels: np.ndarray, seed: int = 0) -> list[np.ndarray]:
+def run_story(inf: Inference, pixels: np.ndarray, seed: int = 0) -> list[np.ndarray]:
     """Encode, prefill at batch len(pixels), select, then decode steps at mixed positions: every logits."""
     rng, c = np.random.default_rng(seed), inf.cfg
     B, out = len(pixels), []

@@ -1,20 +1,5 @@
-"""The inference interface, and its PyTorch implementation.
-
-Every backend (PyTorch here, ONNX Runtime and TensorRT in export/) implements the same four calls, so the
-decoding strategies and the server's scheduler never know which one runs:
-
-    encode(pixels)                     (B, 3, S, S) float32 numpy -> Cross (per-image cross-attention K/V)
-    start(cross, images)               a DecodeState with one row per entry of `images` (an image index each)
-    step(state, tokens, positions)     (R, T) int64 numpy each, positions consecutive in each row -> logits
-                                       (R, T, V) float32 numpy; the new keys/values are written into the
-                                       state's self-attention cache
-    select(state, rows)                keep / reorder / repeat rows (beam search, finished sequences)
-    merge(a, b)                        a state holding a's rows then b's (continuous batching: new requests
-                                       join a running batch); both have the same number of cache slots
-
-Tokens and logits cross the interface as numpy arrays; caches stay in the backend's own memory (a CUDA
-tensor on a GPU) and are only ever touched by the backend.
-"""
+"""The inference interface (model/interface.py) on PyTorch: TorchInference over a LocCa module, its caches
+torch tensors on the model's device."""
 
 from __future__ import annotations
 

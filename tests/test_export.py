@@ -27,6 +27,7 @@ from model.config import BoxConfig
 from model.configs import load as load_config
 from model.evaluate import heldout_scenes
 from model.inference import TorchInference
+from model.interface import Inference
 from model.predictor import Ask, Predictor
 
 DEFAULT = Path(__file__).resolve().parents[1] / "models" / "locca-tiny-shapes" / "checkpoint.safetensors"
@@ -199,6 +200,16 @@ def test_io_binding_path_equals_numpy_path(exported):
     px = pixels(o.cfg, 2, seed=6)
     for a, b in zip(select_merge_story(bound, px), select_merge_story(portable, px), strict=True):
         close(a, b, 1e-6)
+
+
+def test_every_backend_implements_the_inference_interface(exported):
+    """TorchInference and OnnxInference (the CPU graph, and the IOBinding path that CUDA and TensorRT run) have
+    every call and attribute of model/interface.Inference, which they implement without inheriting it."""
+    t, o, d = exported
+    for inference in (t, o, OnnxInference(d / "onnx", threads=1, io_binding=True),
+                      load_inference(d / "onnx", backend="onnxruntime", threads=1).inference):
+        assert isinstance(inference, Inference), type(inference)
+    assert not isinstance(object(), Inference)
 
 
 def test_manifest_checksums_and_missing_files_fail_at_load(exported, tmp_path):
