@@ -24,13 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from model.evaluate import heldout_scenes  # noqa: E402
+from model.heldout import heldout_scenes  # noqa: E402
 from model.predictor import iou  # noqa: E402
 from service import images, launch, predict, render  # noqa: E402
 
 OUT = ROOT / "docs" / "examples"
 # Held-out scenes (never trained on) whose PNGs stay small: 213x279 with 3 objects, 250x292 with 4, 304x231
-# with 6 (index into model.evaluate.heldout_scenes).
+# with 6 (index into model.heldout.heldout_scenes).
 SCENES = (7, 9, 6)
 
 
@@ -70,7 +70,7 @@ def readme(rows: list[dict], model: str, meta: dict) -> str:
         "# Examples: the model's answers drawn on held-out shapes-world scenes",
         "",
         f"Written by `docs/make_examples.py` (`make examples`) from **`{model}`, training step {step}**, on "
-        "held-out scenes (`model.evaluate.heldout_scenes`, never trained on). For each scene:",
+        "held-out scenes (`model.heldout.heldout_scenes`, never trained on). For each scene:",
         "",
         "- `scene-N.png`: the input;",
         "- `scene-N-refer.png`: `/v1/refer` with the scene's first referring expression;",

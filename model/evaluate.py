@@ -16,7 +16,7 @@ Metrics (shapes-world spec, Evaluation):
     phrase_acc         share of a grounded caption's object phrases whose box has IoU >= 0.5 with their object
                        (the k-th phrase "large red circle" is the k-th such object from the left)
     crowded_*          proposals on scenes of `--crowded-objects` (8) objects, more than the spec's 6 (issue 16)
-Held-out scenes use seeds from EVAL_SEED_OFFSET on (model/train.py), disjoint from every training scene.
+Held-out scenes (model/heldout.py) use seeds that no training scene has.
 """
 
 from __future__ import annotations
@@ -30,19 +30,9 @@ import numpy as np
 from pycocoevalcap.cider.cider import Cider
 from tqdm import tqdm
 
+from .heldout import heldout_scenes
 from .predictor import DEFAULT_REGIONS, Ask, Predictor, iou
-from .shapes import Scene, generate_scene
-
-CROWDED_OFFSET = 500_000_000  # added to the held-out seeds for the crowded scenes (another range of seeds)
-
-
-def heldout_scenes(n: int, offset: int | None = None, count: int | None = None) -> list[Scene]:
-    """n held-out scenes; count: that many objects each (crowded scenes, from seeds CROWDED_OFFSET further on)."""
-    from .train import EVAL_SEED_OFFSET
-    start = EVAL_SEED_OFFSET if offset is None else offset
-    if count is not None:
-        start += CROWDED_OFFSET
-    return [generate_scene(start + i, count=count) for i in range(n)]
+from .shapes import Scene
 
 
 def _cider_tokens(text: str) -> str:

@@ -31,15 +31,15 @@ from . import checkpoint
 from .batch import TASK_NAMES, Collator, task_layout
 from .codec import BoxCodec
 from .config import TrainConfig
+from .evaluate import evaluate
+from .heldout import TRAIN_SEED_OFFSET, heldout_scenes
+from .inference import TorchInference
 from .losses import PREFIX, locca_loss
 from .model import init_location_embeddings
 from .records import RecordsDataset, ShapesStream, read_records
 from .shapes import generate_scene
 from .tasks import Tasks
 from .tokenizer import LoccaTokenizer
-
-TRAIN_SEED_OFFSET = 0          # training scene i is generate_scene(i)
-EVAL_SEED_OFFSET = 1_000_000_000  # held-out scenes: seeds from here on, never reached by training
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -288,9 +288,6 @@ def save_state(run: Run, model, tok, cfg: TrainConfig, opt, step: int, lead: boo
 
 
 def evaluate_during_training(run: Run, model, tasks: Tasks, cfg: TrainConfig, step: int, dev) -> dict:
-    from .evaluate import evaluate, heldout_scenes
-    from .inference import TorchInference
-
     model.eval()
     metrics = evaluate(TorchInference(model, dev), tasks, heldout_scenes(cfg.eval_scenes), progress=False)
     _log(run.evals, {"step": step, **metrics})

@@ -83,7 +83,8 @@ def run_job(job: Job, root: Path, scenes: int, points: int, **config) -> dict:
     import torch
 
     from . import checkpoint
-    from .evaluate import evaluate, heldout_scenes
+    from .evaluate import evaluate
+    from .heldout import heldout_scenes
     from .inference import TorchInference
     from .train import train
 

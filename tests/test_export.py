@@ -25,7 +25,7 @@ from locca import cli
 from model import checkpoint
 from model.config import BoxConfig
 from model.configs import load as load_config
-from model.evaluate import heldout_scenes
+from model.heldout import heldout_scenes
 from model.inference import TorchInference
 from model.interface import Inference
 from model.predictor import Ask, Predictor

@@ -102,7 +102,8 @@ def test_url_mode_gives_the_local_answer(capsys, scene_png, tmp_path, bundled_se
 def test_eval_over_rest_scores_what_the_model_answers_in_process(bundled_server, tmp_path):
     """`locca eval --url`: the same scenes through the server's REST API score as `locca eval CHECKPOINT`."""
     from locca.cli import main
-    from model.evaluate import evaluate, evaluate_crowded, heldout_scenes
+    from model.evaluate import evaluate, evaluate_crowded
+    from model.heldout import heldout_scenes
 
     out = tmp_path / "rest.json"
     assert main(["eval", "--url", bundled_server.url, "--scenes", "3", "--offset", "5000", "--crowded", "2",

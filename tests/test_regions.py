@@ -242,7 +242,8 @@ def test_link_keeps_order_and_compatibility():
 def test_the_bundled_model_finds_most_objects_once_each():
     """The default model on held-out scenes (the full figures: docs/ground.md): a broken search finds ~half."""
     from model.checkpoint import load
-    from model.evaluate import heldout_scenes, proposal_scores
+    from model.evaluate import proposal_scores
+    from model.heldout import heldout_scenes
 
     bundle = load("models/locca-tiny-shapes/checkpoint.safetensors")
     predictor = Predictor(TorchInference(bundle.model), bundle.tasks)

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from model import checkpoint
 from model.configs import available, load
-from model.evaluate import evaluate, heldout_scenes
+from model.evaluate import evaluate
+from model.heldout import heldout_scenes
 from model.inference import TorchInference
 from model.losses import locca_loss
 from model.train import lr_at, parallel_inputs, train

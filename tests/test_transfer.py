@@ -11,7 +11,8 @@ import torch
 
 from model import checkpoint
 from model.configs import load
-from model.evaluate import evaluate, heldout_scenes
+from model.evaluate import evaluate
+from model.heldout import heldout_scenes
 from model.inference import TorchInference
 from model.train import copy_encoder, train
 from model.transfer import FLOOR, Job, plan
