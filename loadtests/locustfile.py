@@ -8,7 +8,7 @@ Users are closed loops (no think time unless LOCCA_LOADTEST_WAIT seconds), so th
 number of requests in flight. Each draws a call from loadtests/workload.py (caption / refer / ground with a
 box / region proposals, on 64 rendered scenes with their own referring expressions and boxes) and fails it
 on any non-200 answer or one that breaks the contract's shapes. 3 in 4 REST requests are multipart, 1 in 4
-JSON with a base64 image. The gRPC user calls through service/client.py with retries off, so a
+JSON with a base64 image. The gRPC user calls through client/sdk.py with retries off, so a
 RESOURCE_EXHAUSTED counts as the failure it is.
 
 Load shape (LOCCA_LOADTEST_SHAPE): "steps" (default) doubles the users, 1, 2, 4, ... up to -u, across the first
@@ -43,7 +43,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # workload.py; the repository's pa
 
 import workload  # noqa: E402
 
-from service.client import LoccaError, LoccaGrpcClient  # noqa: E402
+from client import LoccaError, LoccaGrpcClient  # noqa: E402
 
 SCENES = workload.scenes(int(os.environ.get("LOCCA_LOADTEST_SCENES", "64")),
                          int(os.environ.get("LOCCA_LOADTEST_SEED", "0")))

@@ -17,10 +17,13 @@ COMMANDS = {
                  "probes"),
     "export": ("export.onnx_export", "export a checkpoint to an ONNX bundle (encoder, KV-cache decoder, manifest)"),
     "serve": ("service.cli", "serve a model: REST and gRPC, continuous batching, supervised model workers"),
-    "predict": ("service.predict", "caption, refer or ground one image, here or via --url: JSON and a drawing"),
+    "predict": ("locca.predict", "caption, refer or ground one image, here or via --url: JSON and a drawing"),
     "data": ("model.data_cli", "write shapes-world data sets; convert COCO / RefCOCO annotations"),
     "bench": ("benchmarks.cli", "benchmarks: our engine and server against HF generate() and a naive server"),
 }
+# command -> the module that runs it when --url is given: a client of a running server, in the client package,
+# which the command's own module (in the model layer) may not import (tests/test_layers.py)
+REMOTE = {"eval": "client.remote_eval"}
 
 
 def main(argv=None) -> int:
@@ -39,6 +42,8 @@ def main(argv=None) -> int:
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
     args = parser.parse_args(argv)
+    if getattr(args, "url", None) and args.command in REMOTE:
+        return importlib.import_module(REMOTE[args.command]).run(args)
     return args.func(args)
 
 

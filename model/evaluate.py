@@ -176,10 +176,8 @@ def add_arguments(p):
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
 
 
-def run(args) -> int:
-    from .checkpoint import load
-    from .inference import TorchInference
-
+def asked(args) -> tuple[tuple[str, ...], list[Scene], list[Scene]]:
+    """`locca eval`'s flags checked, in-process or over --url: (parts, scenes, crowded scenes)."""
     if (args.checkpoint is None) == (args.url is None):
         raise SystemExit("locca eval: give either a checkpoint or --url URL (a running server)")
     parts = PARTS if args.only is None else tuple(p.strip() for p in args.only.split(",") if p.strip())
@@ -190,24 +188,29 @@ def run(args) -> int:
     scenes = heldout_scenes(args.scenes, args.offset)
     crowded = heldout_scenes(args.crowded, args.offset, args.crowded_objects) if args.crowded and "ground" in parts \
         else []
-    if args.url:
-        from service.remote_eval import answers_over_rest, regions_over_rest  # noqa: PLC0415 (no torch there)
+    return parts, scenes, crowded
 
-        t0 = time.perf_counter()
-        metrics = score(scenes, answers_over_rest(args.url, scenes, args.workers, args.api_key))
-        if crowded:
-            regions = regions_over_rest(args.url, crowded, args.workers, args.api_key)
-            metrics |= {f"crowded_{k}": v for k, v in proposal_scores(crowded, regions).items()}
-        metrics |= {"seconds": time.perf_counter() - t0, "url": args.url}
-    else:
-        bundle = load(args.checkpoint)
-        inference = TorchInference(bundle.model)
-        metrics = evaluate(inference, bundle.tasks, scenes, args.batch_images, parts=parts)
-        if crowded:
-            metrics |= evaluate_crowded(inference, bundle.tasks, crowded, args.batch_images)
-        metrics["checkpoint_step"] = bundle.meta.get("step")
+
+def report(metrics: dict, json_path: str | None) -> int:
+    """Print the metrics as a table and, if asked, write them to a JSON file."""
     print(table(metrics))
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(metrics, f, indent=1)
     return 0
+
+
+def run(args) -> int:
+    """`locca eval CHECKPOINT`. `locca eval --url URL` never comes here: locca/cli.py runs client/remote_eval.py
+    instead, as the model layer does not import the client."""
+    from .checkpoint import load
+    from .inference import TorchInference
+
+    parts, scenes, crowded = asked(args)
+    bundle = load(args.checkpoint)
+    inference = TorchInference(bundle.model)
+    metrics = evaluate(inference, bundle.tasks, scenes, args.batch_images, parts=parts)
+    if crowded:
+        metrics |= evaluate_crowded(inference, bundle.tasks, crowded, args.batch_images)
+    metrics["checkpoint_step"] = bundle.meta.get("step")
+    return report(metrics, args.json)

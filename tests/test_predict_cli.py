@@ -1,4 +1,4 @@
-"""`locca predict` (service/predict.py): the model in this process and a real server (--url) give the same
+"""`locca predict` (locca/predict.py): the model in this process and a real server (--url) give the same
 answer, printed as the REST contract's JSON, and the annotated PNG has the answer's boxes on their pixels."""
 
 import json
@@ -72,7 +72,7 @@ def test_usage_errors(capsys, scene_png, tmp_path):
 def test_url_mode_gives_the_local_answer(capsys, scene_png, tmp_path, bundled_server):
     scene, path = scene_png
     image = images.decode(path.read_bytes(), predict_cli.LOCAL_LIMITS)
-    here = predict_cli.load_predictor(MODEL)  # what the local mode runs (predict_cli.local)
+    here = predict_cli.load_predictor(MODEL)  # what the local mode runs (locca/predict.py's local)
     asks = [("refer", ("--expression", scene.expressions[1]), {"expression": scene.expressions[1]}),
             ("caption", (), {}), ("ground", ("--max-regions", 2), {"max_regions": 2}),
             ("caption", ("--grounded",), {"grounded": True})]

@@ -17,10 +17,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
+from client import AsyncLoccaClient, LoccaClient, LoccaError, LoccaGrpcClient
 from model.regions import iou
 from model.shapes import generate_scene
 from service import images, launch, predict, protos
-from service.client import AsyncLoccaClient, LoccaClient, LoccaError, LoccaGrpcClient
 
 pb, pb_grpc = protos.load()
 LIMITS = {"max_body_bytes": 2_000_000, "max_image_bytes": 1_500_000, "max_image_pixels": 4_000_000}

@@ -10,12 +10,12 @@ import httpx
 import pytest
 from PIL import Image
 
+from client import LoccaClient, LoccaError, LoccaGrpcClient
 from locca.cli import COMMANDS
 from model import checkpoint
 from model.config import BoxConfig
 from model.shapes import generate_scene
 from service import launch
-from service.client import LoccaClient, LoccaError, LoccaGrpcClient
 
 QUEUE = 8
 

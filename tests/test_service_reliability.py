@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
+from client import LoccaClient, LoccaError, LoccaGrpcClient
 from export import bundle_format
 from model import checkpoint
 from model.config import BoxConfig
 from model.shapes import generate_scene
 from service import launch, protos
-from service.client import LoccaClient, LoccaError, LoccaGrpcClient
 from service.settings import Settings
 
 pb, pb_grpc = protos.load()

@@ -1,7 +1,7 @@
 """Python clients of the LocCa server: REST (sync and async, httpx) and gRPC, typed, with timeouts and
 retries on 429 / 503 (RESOURCE_EXHAUSTED / UNAVAILABLE) that honour Retry-After.
 
-    from service.client import LoccaClient
+    from client import LoccaClient
     with LoccaClient("http://127.0.0.1:8000") as c:
         print(c.caption(Image.open("scene.png")).caption)
         print(c.refer(open("scene.png", "rb").read(), "the red circle").box)
@@ -208,7 +208,7 @@ class LoccaGrpcClient:
 
     def __init__(self, target: str = "127.0.0.1:50051", timeout: float = 30.0, retries: int = 3,
                  max_backoff: float = 10.0, api_key: str | None = None):
-        from . import protos  # noqa: PLC0415 (generates the stubs on first use)
+        from service import protos  # noqa: PLC0415 (generates the stubs on first use; stdlib only, no server)
 
         self.pb, pb_grpc = protos.load()
         self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])

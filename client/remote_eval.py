@@ -1,4 +1,6 @@
 """`locca eval --url URL`: the held-out evaluation through a running server's REST API, as a client sees it.
+locca/cli.py runs `run` here when --url is given: model/evaluate.py, which evaluates a checkpoint, does not
+import the client.
 
 Every scene is sent as a PNG: one grounded caption, one ground without a box (every object found), and for
 each object a refer with its expression and a ground with its box; `workers` requests are in flight at once. The answers
@@ -7,14 +9,15 @@ are scored by model/evaluate.score, the same metrics as `locca eval CHECKPOINT`.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from model.evaluate import SceneAnswers
+from model.evaluate import SceneAnswers, asked, proposal_scores, report, score
 from model.shapes import Scene
 
-from .client import LoccaClient, image_bytes
+from .sdk import LoccaClient, image_bytes
 
 
 def answers_over_rest(url: str, scenes: list[Scene], workers: int = 8, api_key: str | None = None,
@@ -50,3 +53,16 @@ def _each_scene(url: str, scenes: list[Scene], ask, workers: int, api_key: str |
         with ThreadPoolExecutor(workers) as pool:
             return list(tqdm(pool.map(lambda scene: ask(client, scene), scenes), total=len(scenes),
                              disable=not progress, desc=desc, unit="scene"))
+
+
+def run(args) -> int:
+    """`locca eval --url URL` with `locca eval`'s flags (model/evaluate.add_arguments): every part asked."""
+    _, scenes, crowded = asked(args)
+    t0 = time.perf_counter()
+    metrics = score(scenes, answers_over_rest(args.url, scenes, args.workers, args.api_key))
+    if crowded:
+        regions = regions_over_rest(args.url, crowded, args.workers, args.api_key)
+        metrics |= {f"crowded_{k}": v for k, v in proposal_scores(crowded, regions).items()}
+    metrics |= {"seconds": time.perf_counter() - t0, "url": args.url}
+    return report(metrics, args.json)
+
