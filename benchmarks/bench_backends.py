@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.backends import find_checkpoint, load_inference  # noqa: E402
-from model.evaluate import heldout_scenes  # noqa: E402
+from model.heldout import heldout_scenes  # noqa: E402
 from model.predictor import Ask, Predictor  # noqa: E402
 
 

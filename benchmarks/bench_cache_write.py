@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.backends import find_checkpoint  # noqa: E402
-from export.onnx_backend import OnnxInference, io_names, session_options  # noqa: E402
+from export.bundle_format import io_names  # noqa: E402
+from export.onnx_backend import OnnxInference, session_options  # noqa: E402
 from export.onnx_export import DecoderGraph, _export, example_inputs, export  # noqa: E402
 from model import checkpoint  # noqa: E402
 

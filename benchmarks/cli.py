@@ -181,7 +181,7 @@ def bench(cfg: BenchConfig, model: str, device: str = "cpu", threads: int = 1, s
 def accuracy(ours: list, scenes: int) -> dict:
     """Refer Acc@0.5 of each of our variants, its change in points from the first (fp32, the server's backend),
     and the share of boxes identical to that one's."""
-    from model.evaluate import heldout_scenes
+    from model.heldout import heldout_scenes
 
     from .engine import refer_accuracy
     held = heldout_scenes(scenes)

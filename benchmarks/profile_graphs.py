@@ -33,7 +33,8 @@ import onnxruntime as ort
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.onnx_backend import CPU_DECODER, io_names, read_bundle, session_options  # noqa: E402
+from export.bundle_format import CPU_DECODER, io_names, read_bundle  # noqa: E402
+from export.onnx_backend import session_options  # noqa: E402
 
 
 def timed(run, n: int) -> float:

@@ -29,7 +29,8 @@ import numpy as np
 
 from export.backends import load_inference
 from model.decoding import DecodingOptions, Query, decode
-from model.evaluate import heldout_scenes, proposal_scores
+from model.evaluate import proposal_scores
+from model.heldout import heldout_scenes
 from model.phrases import object_phrases
 from model.predictor import Ask, Predictor
 from model.regions import RegionOptions, iou
