@@ -1,7 +1,7 @@
 """Section 3: continuous against static batching on a mixed workload, in the worker's own code.
 
-The server's worker loop (service/worker.py: Tasker, Scheduler, Runner; built by bench_server.InProcess with
-the server's default settings) is replayed in this process with closed-loop clients: `captioners` clients
+The server's worker loop (service/worker.py: the engine core, model/core.py, built by bench_server.InProcess
+with the server's default settings) is replayed in this process with closed-loop clients: `captioners` clients
 asking for long captions (the quarter of the request pool whose captions our model makes longest) and one
 client asking refer questions; each sends its next request the moment its last is answered. Three admission
 policies, the same model calls:
@@ -23,29 +23,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.jobs import Task
-from service.scheduler import Job
+from model.requests import Request
 
 from .bench_server import InProcess
 
 
 @dataclass(frozen=True)
-class Request:
+class Call:
     kind: str                 # caption | refer
     pixels: np.ndarray        # (3, S, S), preprocessed once
     size: tuple[int, int]
     expression: str | None = None
 
-    def task(self) -> Task:
-        return Task(self.kind, self.size, expression=self.expression)
+    @property
+    def request(self) -> Request:
+        return Request(self.kind, expression=self.expression)
 
 
-def replay(local: InProcess, clients: list[list[Request]], policy: str, window: float) -> dict[str, list[float]]:
+def replay(local: InProcess, clients: list[list[Call]], policy: str, window: float) -> dict[str, list[float]]:
     """Latencies (seconds) by kind of the requests answered within `window` seconds after every client has had
     one answer. clients[i] is client i's requests, sent in turn."""
     if policy not in ("continuous", "arrival", "static"):
         raise ValueError(f"unknown policy {policy!r}")
-    sched, short_tokens = local.scheduler, local.scheduler.short_tokens
+    sched, short_tokens = local.core.scheduler, local.core.scheduler.short_tokens
     if policy != "continuous":
         sched.short_tokens = 0  # arrival order: the server's scheduler without its short-jobs-first rule
     try:
@@ -54,10 +54,10 @@ def replay(local: InProcess, clients: list[list[Request]], policy: str, window: 
         sched.short_tokens = short_tokens
 
 
-def _replay(local: InProcess, clients: list[list[Request]], policy: str, window: float) -> dict[str, list[float]]:
-    sched, runner, tasker = local.scheduler, local.runner, local.tasker
-    held: list[Job] = []                 # static: arrived, waiting for the worker to be idle
-    jobs: dict[int, tuple[int, Request]] = {}
+def _replay(local: InProcess, clients: list[list[Call]], policy: str, window: float) -> dict[str, list[float]]:
+    core = local.core
+    held: list[tuple[int, Call]] = []    # static: arrived, waiting for the worker to be idle
+    jobs: dict[int, tuple[int, Call, float]] = {}  # id -> client, call, arrival
     sent = [0] * len(clients)
     answered: set[int] = set()
     lat: dict[str, list[float]] = {}
@@ -66,42 +66,39 @@ def _replay(local: InProcess, clients: list[list[Request]], policy: str, window:
 
     def send(i: int, now: float) -> None:
         nonlocal next_id
-        req = clients[i][sent[i] % len(clients[i])]
+        call = clients[i][sent[i] % len(clients[i])]
         sent[i] += 1
-        job = Job(next_id, req.pixels, tasker.search(req.task()), now)
-        jobs[next_id] = (i, req)
-        next_id += 1
+        jobs[next_id] = (i, call, now)
         if policy == "static":
-            held.append(job)
+            held.append((next_id, call))
         else:
-            sched.add(job)
+            core.add(call.request, call.pixels, call.size, next_id, now)
+        next_id += 1
 
     now = time.monotonic()
     for i in range(len(clients)):
         send(i, now)
     while jobs:
-        if policy == "static" and not (sched.running or sched.waiting):
-            for job in held[:sched.max_batch]:
-                sched.add(job)
-            del held[:sched.max_batch]
-        batch = sched.schedule(time.monotonic())  # the server's max_wait is 0: nothing waits for company
-        done = sched.postprocess(batch, runner(batch))
+        if policy == "static" and not core.busy:
+            for id, call in held[:core.scheduler.max_batch]:
+                core.add(call.request, call.pixels, call.size, id, time.monotonic())
+            del held[:core.scheduler.max_batch]
+        done = core.step(time.monotonic())  # the server's max_wait is 0: nothing waits for company
         now = time.monotonic()
-        for job in done:
-            i, req = jobs.pop(job.id)
-            tasker.answer(req.task(), job.search)
+        for f in done:
+            i, call, arrival = jobs.pop(f.id)
             answered.add(i)
             if start is not None and start < now <= end:
-                lat.setdefault(req.kind, []).append(now - job.arrival)
+                lat.setdefault(call.kind, []).append(now - arrival)
             if start is None and len(answered) == len(clients):
                 start, end = now, now + window
             if end is None or now < end:
                 send(i, now)
-    runner.reset()
+    core.reset()
     return lat
 
 
-def mixed(local: InProcess, captions: list[Request], refers: list[Request], captioners: int, window: float,
+def mixed(local: InProcess, captions: list[Call], refers: list[Call], captioners: int, window: float,
           turns: int = 2) -> dict:
     """Refer latency idle, and under mixed load with each policy; p50 in ms. The three runs take `turns` turns
     (a share of the window each), so that a change in the machine's load falls on all of them."""

@@ -6,7 +6,7 @@
 A benchmark, not a test. Per step: one decoder call of T = 1 token per row at batch B (`step`, numpy in and
 out, as the decoding loop sees it). Per request, end to end through model/predictor.Predictor (preprocess,
 encode, prefill, steps until <eos>, the grammar, parsing): "caption" is one greedy caption of an image;
-"scene" is every task on an image as `locca eval` asks them (caption, propose with beam search 8, refer and
+"scene" is every task on an image as `locca eval` asks them (caption, ground with beam search 8, refer and
 describe for each object). At batch 32 that is 32 images in one call, reported per call and per request. The backends take turns, round after
 round, so that background load falls on all of them alike; figures are medians over the rounds.
 """
@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.backends import find_checkpoint, load_inference  # noqa: E402
 from model.heldout import heldout_scenes  # noqa: E402
-from model.predictor import Ask, Predictor  # noqa: E402
+from model.predictor import Predictor  # noqa: E402
+from model.requests import Request  # noqa: E402
 
 
 def bundles(model: Path, fp32: str | None, int8: str | None, tmp: Path) -> tuple[Path, Path]:
@@ -57,15 +58,15 @@ def step_timer(inf, batch: int, steps: int):
 
 def request_timer(loaded, scenes, batch: int, kind: str):
     """kind "caption": one greedy caption per image; "scene": every task on each image, as `locca eval`
-    asks them (caption, propose with beam search, refer and describe for each object)."""
+    asks them (caption, ground, refer and describe for each object)."""
     predictor = Predictor(loaded.inference, loaded.tasks)
     images, asks = [s.image for s in scenes[:batch]], []
     for j, s in enumerate(scenes[:batch]):
-        asks.append(Ask(j, "caption"))
+        asks.append((j, Request("caption")))
         if kind == "scene":
-            asks.append(Ask(j, "propose"))
+            asks.append((j, Request("ground")))
             for obj, expr in zip(s.objects, s.expressions, strict=True):
-                asks += [Ask(j, "refer", expression=expr), Ask(j, "describe", box=obj.box)]
+                asks += [(j, Request("refer", expression=expr)), (j, Request("describe", box=tuple(obj.box)))]
 
     def run() -> float:
         t0 = time.perf_counter()

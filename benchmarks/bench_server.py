@@ -2,8 +2,8 @@
 
     python benchmarks/bench_server.py [--requests 40] [--backend onnxruntime] [--json out.json]
 
-In-process = exactly the work a model worker does for a request (decode and preprocess the image, the
-scheduler and runner loop until the job finishes, the answer), called directly in this process. HTTP = the
+In-process = exactly the work a model worker does for a request (decode and preprocess the image, the engine
+core's steps until it finishes, the answer as JSON), called directly in this process. HTTP = the
 real server (`locca serve` in a subprocess, one worker, the same backend and thread count) answering the same
 requests one at a time through httpx. Both run in this one invocation, interleaved request by request, so
 machine noise hits both alike; the figure is the difference of medians (goal: within 3 ms, issue 6).
@@ -21,14 +21,13 @@ import httpx
 import numpy as np
 
 from export.backends import load_inference
-from model.predictor import Predictor
+from model.core import EngineCore
+from model.requests import Request
 from model.shapes import generate_scene
 from service import images
 from service.bundle import devices, resolve
-from service.jobs import Task, Tasker
 from service.launch import launch
-from service.runner import Runner
-from service.scheduler import Job, Scheduler
+from service.schemas import to_json
 from service.settings import Settings
 
 
@@ -51,29 +50,22 @@ class InProcess:
         src = resolve(settings)
         loaded = load_inference(src.path, src.backend, devices(settings)[0], settings.threads or None)
         self.backend = src.backend
-        self.tasker = Tasker(Predictor(loaded.inference, loaded.tasks))
-        self.runner = Runner(loaded.inference, loaded.tok.pad_id)
-        self.scheduler = Scheduler(settings.max_batch_size, 0.0, settings.max_rows, settings.short_job_tokens,
-                                   settings.short_job_max_defer_ms / 1000)
+        self.core = EngineCore(loaded.inference, loaded.tasks, settings.scheduler())
         self.limits = images.Limits(settings.max_image_bytes, settings.max_image_pixels)
         self.size = loaded.cfg.image_size
 
     def __call__(self, kind: str, data: bytes, fields: dict) -> dict:
         pixels, size = images.load(data, self.limits, self.size)
         if kind == "caption":
-            task = Task("caption", size)
+            request = Request("caption")
         elif kind == "refer":
-            task = Task("refer", size, expression=fields["expression"])
+            request = Request("refer", expression=fields["expression"])
         else:
-            task = Task("describe", size, box=tuple(json.loads(fields["box"])))
-        job = Job(0, pixels, self.tasker.search(task), time.monotonic())
-        self.scheduler.add(job)
-        done = []
-        while not done:
-            batch = self.scheduler.schedule(float("inf"))
-            done = self.scheduler.postprocess(batch, self.runner(batch))
-        self.runner.reset()
-        return self.tasker.answer(task, job.search)
+            request = Request("describe", box=tuple(json.loads(fields["box"])))
+        self.core.add(request, pixels, size)
+        (done,) = self.core.run()
+        self.core.reset()
+        return to_json(done.result, request.expression)
 
 
 def main() -> None:

@@ -5,18 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
 from export.backends import load_inference
-from model.decoding import decode
-from model.predictor import Ask, Predictor
+from model.core import EngineCore
+from model.requests import Request
+from model.scheduler import ALL_AT_ONCE
 from service import images as request_images
 from service.bundle import resolve
 from service.settings import Settings
 
-from .batching import Request
+from .batching import Call
 from .bench_server import requests_for
 from .engine import Contender
 from .peers import hf_model
@@ -69,8 +69,8 @@ class Pool:
     images: list[bytes]           # PNGs, sent to both servers in turn
     caption_tokens: list[int]     # tokens our model generates for each image's caption (<eos> included)
     prompt: int                   # tokens of the caption prompt
-    captions: list[Request]       # the longest captions of the pool (section 3's background load)
-    refers: list[Request]         # refer questions (section 3's measured client)
+    captions: list[Call]          # the longest captions of the pool (section 3's background load)
+    refers: list[Call]            # refer questions (section 3's measured client)
 
 
 def request_pool(default: Contender, n: int) -> Pool:
@@ -78,12 +78,12 @@ def request_pool(default: Contender, n: int) -> Pool:
     limits = request_images.Limits(1 << 24, 1 << 26)
     size = default.inference.cfg.image_size
     loaded = [request_images.load(data, limits, size) for _, data, _ in reqs]  # (pixels, (w, h)) each
-    predictor = Predictor(default.inference, default.tasks)
-    queries = [predictor.query(Ask(i, "caption"), wh) for i, (_, wh) in enumerate(loaded)]
-    cross = default.inference.encode(np.stack([p for p, _ in loaded]))
-    tokens = [len(h[0].tokens) for h in decode(default.inference, cross, queries, default.tasks.tok)]
+    core = EngineCore(default.inference, default.tasks, ALL_AT_ONCE)
+    ids = [core.add(Request("caption"), pixels, wh) for pixels, wh in loaded]
+    done = {f.id: f for f in core.run()}
+    tokens = [len(done[i].search.best(1)[0].tokens) for i in ids]
     longest = sorted(range(n), key=lambda i: -tokens[i])[: max(1, n // 4)]
-    captions = [Request("caption", *loaded[i]) for i in longest]
-    refers = [Request("refer", *loaded[i], expression=f["expression"])
+    captions = [Call("caption", *loaded[i]) for i in longest]
+    refers = [Call("refer", *loaded[i], expression=f["expression"])
               for i, (kind, _, f) in enumerate(reqs) if kind == "refer"]
-    return Pool([data for _, data, _ in reqs], tokens, len(queries[0].prompt), captions, refers)
+    return Pool([data for _, data, _ in reqs], tokens, len(default.tasks.caption_prompt()), captions, refers)

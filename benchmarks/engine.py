@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.predictor import Ask, Predictor, iou
+from model.predictor import Predictor
+from model.regions import iou
+from model.requests import Request
 
 from .flops import encode_flops, request_flops, sync
 from .peers import engine_generate, hf_encode, hf_generate
@@ -100,11 +102,11 @@ def refer_accuracy(c: Contender, scenes, batch: int = 32) -> dict:
     predictor, boxes, ious = Predictor(c.inference, c.tasks), [], []
     for s0 in range(0, len(scenes), batch):
         chunk = scenes[s0:s0 + batch]
-        asks = [Ask(j, "refer", expression=e) for j, s in enumerate(chunk) for e in s.expressions]
+        asks = [(j, Request("refer", expression=e)) for j, s in enumerate(chunk) for e in s.expressions]
         truth = [o.box for s in chunk for o in s.objects]
         for ans, box in zip(predictor.run([s.image for s in chunk], asks), truth, strict=True):
-            boxes.append(ans["box"])
-            ious.append(iou(ans["box"], box))
+            boxes.append(ans.box)
+            ious.append(iou(ans.box, box))
     return {"refer_acc50": float(np.mean(np.array(ious) >= 0.5)), "boxes": boxes}
 
 

@@ -5,8 +5,8 @@
     locust -f loadtests/locustfile.py --headless -H URL -u 32 -t 60s RestUser   # REST only
 
 Users are closed loops (no think time unless LOCCA_LOADTEST_WAIT seconds), so the user count is the
-number of requests in flight. Each draws a call from loadtests/workload.py (caption / refer / ground with a
-box / region proposals, on 64 rendered scenes with their own referring expressions and boxes) and fails it
+number of requests in flight. Each draws a call from loadtests/workload.py (caption / refer / describe a
+box / ground: every object, on 64 rendered scenes with their own referring expressions and boxes) and fails it
 on any non-200 answer or one that breaks the contract's shapes. 3 in 4 REST requests are multipart, 1 in 4
 JSON with a base64 image. The gRPC user calls through client/sdk.py with retries off, so a
 RESOURCE_EXHAUSTED counts as the failure it is.

@@ -7,7 +7,7 @@
 1. Capacity: a closed loop of `--queue` clients (as many as the server holds at once, so none is refused)
    for `--measure` s after a warm-up: answers per second.
 2. Soak: an open loop, Poisson arrivals at `--factor` x capacity for `--time` s, whatever the answers; the
-   load test's mix (workload.py: 40 % captions, 35 % refer, 15 % describe a box, 10 % region proposals), 3 in
+   load test's mix (workload.py: 40 % captions, 35 % refer, 15 % describe a box, 10 % ground every object), 3 in
    4 over REST (1 in 4 of those JSON), 1 in 4 over gRPC. Every answer is checked against the contract.
 3. Report (`--out`, default loadtests/results/): soak.json (summary and a 10-s timeline), soak.md, soak.png
    (offered and accepted throughput, rejection rate, p50 / p99 of accepted requests, memory, over time).

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from model.shapes import generate_scene
 
-MIX = {"caption": 40, "refer": 35, "ground_box": 15, "ground_propose": 10}  # weights, in percent
+MIX = {"caption": 40, "refer": 35, "describe": 15, "ground": 10}  # weights, in percent (tasks: model/requests.py)
 MAX_REGIONS = 3  # asked of a ground without a box: its answer is cut to the best 3 (the search is the same)
 
 
@@ -33,18 +33,18 @@ class Scene:
 
 @dataclass(frozen=True)
 class Call:
-    kind: str                 # a key of MIX
+    kind: str                 # a key of MIX: describe is /v1/ground with a box, ground without one
     scene: Scene
     fields: dict = field(default_factory=dict)  # the request's fields besides the image (REST names)
 
     @property
     def path(self) -> str:
-        return "/v1/" + self.kind.split("_")[0]
+        return "/v1/" + ("ground" if self.kind == "describe" else self.kind)
 
     @property
     def name(self) -> str:
-        """The name Locust reports it under: the path, and which ground."""
-        return self.path + (f" [{self.kind.split('_')[1]}]" if self.kind.startswith("ground") else "")
+        """The name Locust reports it under: the path, and which of its tasks."""
+        return self.path + (f" [{self.kind}]" if self.path == "/v1/ground" else "")
 
     @property
     def grpc_name(self) -> str:
@@ -69,9 +69,9 @@ def draw(rng: random.Random, pool: list[Scene]) -> Call:
     i = rng.randrange(len(scene.expressions))
     if kind == "refer":
         return Call(kind, scene, {"expression": scene.expressions[i]})
-    if kind == "ground_box":
+    if kind == "describe":
         return Call(kind, scene, {"box": list(scene.boxes[i])})
-    if kind == "ground_propose":
+    if kind == "ground":
         return Call(kind, scene, {"max_regions": MAX_REGIONS})
     return Call(kind, scene)
 
@@ -84,7 +84,7 @@ def check(call: Call, body: dict) -> str | None:
         if call.kind == "refer":
             return _box_problem(body["box"], call.scene) or (None if _num(body["score"]) else f"bad score {body}")
         regions = body["regions"]
-        if call.kind == "ground_box" and len(regions) != 1:
+        if call.kind == "describe" and len(regions) != 1:
             return f"a box gave {len(regions)} regions, not 1"
         if len(regions) > call.fields.get("max_regions", 32):
             return f"{len(regions)} regions, more than max_regions"

@@ -1,8 +1,9 @@
 """Decoding: options, the box grammar as logit constraints, and batched beam search (greedy = beam 1).
 
-Built from small parts, as whisper's decoding.py: a frozen options dataclass, the inference interface of
-model/inference.py (any backend), a grammar that masks the logits so that every output parses, and one
-search loop. A query is one prompt to continue; a batch mixes tasks, prompt lengths and budgets freely.
+Built from small parts, as whisper's decoding.py: a frozen options dataclass, a grammar that masks the logits so
+that every output parses, and the search of one query, a step at a time. A query is one prompt to continue; the
+engine core (model/core.py) lays searches out in rows of one batch, which mixes tasks, prompt lengths and
+budgets freely, and runs them through the inference interface (model/inference.py, any backend).
 
 Every hypothesis ends with <eos>: when a text budget is about to run out, <eos> is forced, and budgets too
 small for a task's grammar are refused up front.
@@ -36,7 +37,7 @@ class DecodingOptions:
 @dataclass(frozen=True)
 class Query:
     image: int                      # index of the image in the encoded batch
-    task: str                       # a key of tasks.GRAMMARS: caption, refer, describe, propose
+    task: str                       # a key of tasks.GRAMMARS: caption, refer, describe, ground (model/requests.py TASKS)
     prompt: tuple[int, ...]
     max_new_tokens: int | None = None
 
@@ -126,8 +127,8 @@ class BeamSearch:
     The search owns no model state. Its beams live in rows of whatever batch the caller runs: before each
     step the caller sets `rows` (the rows of the logits array that hold this query's beams), `advance` picks
     the next beams from them and leaves `src` (the row each next beam continues), `tokens()` and
-    `positions()` for the next step call. `decode()` below and the server's scheduler (service/scheduler.py)
-    drive searches the same way, so a query gets the same search alone, in a batch, or joining a running one.
+    `positions()` for the next step call. The engine core (model/core.py) drives every search this way, so a
+    query gets the same search alone, in a batch, or joining a running one.
     """
 
     def __init__(self, query: Query, budget: int, width: int, grammar: Grammar, length_penalty: float = 1.0):
@@ -199,7 +200,7 @@ class BeamSearch:
 
     def most_tokens(self) -> int:
         """The most tokens any beam may still generate: its budget, or fewer where no text is left in its
-        grammar (a refer's four corners and <eos>). The scheduler prefers jobs with few (service/scheduler.py)."""
+        grammar (a refer's four corners and <eos>). The scheduler prefers jobs with few (model/scheduler.py)."""
         most = 0
         for s in self.states:
             rest = s.phases[s.phase:]
@@ -230,44 +231,3 @@ def next_rows(searches: list[BeamSearch]) -> tuple[np.ndarray, np.ndarray, np.nd
     tokens = np.concatenate([s.tokens() for s in searches])[:, None]
     positions = np.concatenate([s.positions() for s in searches])[:, None]
     return np.array(src, dtype=np.int64), tokens, positions
-
-
-def prefill(inference, cross, queries: list[Query], pad_id: int):
-    """Start one row per query and run all prompts in one call, right-padded. Pad tokens write cache slots
-    past their prompt; those slots are overwritten by the generated tokens before any query can see them
-    (positions decide). Returns the state and the logits after each prompt's last token, (Q, V)."""
-    lengths = np.array([len(q.prompt) for q in queries])
-    Q, P = len(queries), int(lengths.max())
-    tokens = np.full((Q, P), pad_id, dtype=np.int64)
-    for i, q in enumerate(queries):
-        tokens[i, : len(q.prompt)] = q.prompt
-    state = inference.start(cross, np.array([q.image for q in queries]))
-    logits = inference.step(state, tokens, np.tile(np.arange(P), (Q, 1)))
-    return state, logits[np.arange(Q), lengths - 1]
-
-
-def decode(inference, cross, queries: list[Query], tok: LoccaTokenizer,
-           options: DecodingOptions = DecodingOptions()) -> list[list[Hypothesis]]:
-    """Beam search over all queries at once; returns `num_return` hypotheses per query, best first."""
-    if not queries:
-        return []
-    grammar, S = Grammar(tok), inference.cfg.max_seq_len
-    searches = [BeamSearch(q, budget_for(q, options, S), options.beam_size, grammar, options.length_penalty)
-                for q in queries]
-    run(inference, cross, searches, tok.pad_id)
-    return [s.best(options.num_return) for s in searches]
-
-
-def run(inference, cross, searches: list, pad_id: int) -> None:
-    """Drive searches (BeamSearch, or anything with its interface: model/regions.py) to the end, together:
-    one prefill of their queries, then one step call per token over every live row."""
-    if not searches:
-        return
-    state, last = prefill(inference, cross, [s.query for s in searches], pad_id)
-    for i, s in enumerate(searches):
-        s.rows = [i] * s.width  # every row starts from its query's prompt row
-    live = searches
-    while live := [s for s in live if s.advance(last)]:
-        src, tokens, positions = next_rows(live)
-        inference.select(state, src)
-        last = inference.step(state, tokens, positions)[:, 0]

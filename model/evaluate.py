@@ -21,6 +21,7 @@ Held-out scenes (model/heldout.py) use seeds that no training scene has.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -31,7 +32,9 @@ from pycocoevalcap.cider.cider import Cider
 from tqdm import tqdm
 
 from .heldout import heldout_scenes
-from .predictor import DEFAULT_REGIONS, Ask, Predictor, iou
+from .predictor import Predictor
+from .regions import iou
+from .requests import MAX_REGIONS, Request
 from .shapes import Scene
 
 
@@ -103,7 +106,7 @@ def score(scenes: list[Scene], answers: list[SceneAnswers], parts: tuple[str, ..
     return out
 
 
-def evaluate(inference, tasks, scenes: list[Scene], batch_images: int = 32, max_regions: int = DEFAULT_REGIONS,
+def evaluate(inference, tasks, scenes: list[Scene], batch_images: int = 32, max_regions: int = MAX_REGIONS,
              progress: bool = True, parts: tuple[str, ...] = PARTS) -> dict:
     """The `parts` (default: every task) on every scene through model/predictor.Predictor, scored. A part left
     out is not asked at all: parts=("refer",) decodes only the referring expressions (a localisation probe)."""
@@ -114,29 +117,29 @@ def evaluate(inference, tasks, scenes: list[Scene], batch_images: int = 32, max_
     t0 = time.perf_counter()
     for start in tqdm(range(0, len(scenes), batch_images), disable=not progress, desc="eval", unit="batch"):
         chunk = scenes[start:start + batch_images]
-        asks = []
+        asks: list[tuple[int, Request]] = []
         for j, s in enumerate(chunk):
             if "ground" in parts:  # a grounded caption is also the caption
-                asks += [Ask(j, "grounded"), Ask(j, "propose", max_regions=max_regions)]
+                asks += [(j, Request("caption", grounded=True)), (j, Request("ground", max_regions=max_regions))]
             elif "caption" in parts:
-                asks.append(Ask(j, "caption"))
+                asks.append((j, Request("caption")))
             if "refer" in parts:
-                asks += [Ask(j, "refer", expression=e) for e in s.expressions]
+                asks += [(j, Request("refer", expression=e)) for e in s.expressions]
             if "describe" in parts:
-                asks += [Ask(j, "describe", box=o.box) for o in s.objects]
+                asks += [(j, Request("describe", box=tuple(o.box))) for o in s.objects]
         out = iter(predictor.run([s.image for s in chunk], asks))
         for s in chunk:
             a = SceneAnswers("", [])
             if "ground" in parts:
-                caption, propose = next(out), next(out)
-                a.caption, a.regions = caption["text"], propose["regions"]
-                a.phrases = [{"text": p["text"], "box": p["box"]} for p in caption["phrases"]]
+                caption, ground = next(out), next(out)
+                a.caption, a.regions = caption.text, [dataclasses.asdict(r) for r in ground.regions]
+                a.phrases = [{"text": p.text, "box": p.box} for p in caption.phrases]
             elif "caption" in parts:
-                a.caption = next(out)["text"]
+                a.caption = next(out).text
             if "refer" in parts:
-                a.refer_boxes = [next(out)["box"] for _ in s.objects]
+                a.refer_boxes = [next(out).box for _ in s.objects]
             if "describe" in parts:
-                a.describe_texts = [next(out)["text"] for _ in s.objects]
+                a.describe_texts = [next(out).text for _ in s.objects]
             answers.append(a)
     return {**score(scenes, answers, parts), "seconds": time.perf_counter() - t0}
 
@@ -146,8 +149,8 @@ def evaluate_crowded(inference, tasks, scenes: list[Scene], batch_images: int = 
     predictor, regions = Predictor(inference, tasks), []
     for start in tqdm(range(0, len(scenes), batch_images), disable=not progress, desc="crowded", unit="batch"):
         chunk = scenes[start:start + batch_images]
-        regions += [a["regions"] for a in predictor.run([s.image for s in chunk],
-                                                        [Ask(j, "propose") for j in range(len(chunk))])]
+        found = predictor.run([s.image for s in chunk], [(j, Request("ground")) for j in range(len(chunk))])
+        regions += [[dataclasses.asdict(r) for r in f.regions] for f in found]
     return {f"crowded_{k}": v for k, v in proposal_scores(scenes, regions).items()}
 
 

@@ -106,7 +106,7 @@ class RegionSearch:
         prompt = list(query.prompt)
         # The prefill puts the job's prompt in its row's cache; `share_row` is for a search that starts from
         # another's row (a grounded caption's: <bos> <Cap> leaves the slot 0 that <bos> <GCap> needs)
-        self.branches = [Branch(prompt, len(prompt), len(prompt), GrammarState(GRAMMARS["propose"], budget))]
+        self.branches = [Branch(prompt, len(prompt), len(prompt), GrammarState(GRAMMARS["ground"], budget))]
         self.found: list[Region] = []
         self.done_rows: list[Branch] = []       # proposing rows that wrote a box and a text
         self.rows: list[int] = []
@@ -264,7 +264,7 @@ class RegionSearch:
 
     def candidates(self, width: float, height: float) -> list[dict]:
         """Every region found, best first, in pixels, with `agrees` (the listener's verdict)."""
-        return [{**self.tasks.parse("propose", r.tokens, width, height), "score": r.score,
+        return [{**self.tasks.parse("ground", r.tokens, width, height), "score": r.score,
                  "agrees": self.agrees(r), "weight": r.weight} for r in self.found]
 
     def regions(self, width: float, height: float, max_regions: int) -> list[dict]:

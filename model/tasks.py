@@ -3,7 +3,7 @@
     Cap    <bos> <Cap>  caption <eos>
     ARef   <bos> <ARef> expression <sep> box <eos>          prompt up to <sep> = refer (expression -> box)
     GCap   <bos> <GCap> box <sep> expression <eos>          prompt up to <sep> = describe a box
-                                                            prompt <bos> <GCap> = propose a region and describe it
+                                                            prompt <bos> <GCap> = ground: box an object, describe it
 
 `box` is four location tokens from the codec. Sequences are built from ids, never by parsing strings, so no
 user text can turn into structure.
@@ -25,9 +25,9 @@ GRAMMARS = {
     "caption": (("text", 0),),
     "refer": (("loc", 4), ("eos", 1)),
     "describe": (("text", 0),),
-    "propose": (("loc", 4), ("sep", 1), ("text", 0)),
+    "ground": (("loc", 4), ("sep", 1), ("text", 0)),
 }
-MIN_NEW_TOKENS = {"caption": 2, "refer": 5, "describe": 2, "propose": 7}
+MIN_NEW_TOKENS = {"caption": 2, "refer": 5, "describe": 2, "ground": 7}
 
 
 class Tasks:
@@ -46,7 +46,7 @@ class Tasks:
     def describe_prompt(self, box: Sequence[float], width: float, height: float) -> list[int]:
         return [self.tok.bos_id, self.tok.gcap_id, *self.codec.encode(box, width, height), self.tok.sep_id]
 
-    def propose_prompt(self) -> list[int]:
+    def ground_prompt(self) -> list[int]:
         return [self.tok.bos_id, self.tok.gcap_id]
 
     # --- training targets ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ median per image, and its ratio to a plain caption's on the same images (the iss
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -28,24 +29,27 @@ from pathlib import Path
 import numpy as np
 
 from export.backends import load_inference
-from model.decoding import DecodingOptions, Query, decode
+from model.decoding import BeamSearch, DecodingOptions, Query, budget_for
 from model.evaluate import proposal_scores
 from model.heldout import heldout_scenes
+from model.image import preprocess
 from model.phrases import object_phrases
-from model.predictor import Ask, Predictor
+from model.predictor import Predictor
 from model.regions import RegionOptions, iou
+from model.requests import Request
 from model.shapes import ShapeObject, expressions_for
 from service.bundle import resolve
 from service.settings import Settings
 
 
 def beam8(p: Predictor, image) -> list[dict]:
-    cross = p.encode([image])
-    q = Query(0, "propose", tuple(p.tasks.propose_prompt()))
-    (hyps,) = decode(p.inference, cross, [q], p.tasks.tok, DecodingOptions(beam_size=8, num_return=8))
+    q = Query(0, "ground", tuple(p.tasks.ground_prompt()))
+    search = BeamSearch(q, budget_for(q, DecodingOptions(), p.core.max_seq_len), 8, p.core.grammar)
+    p.core.submit(search, preprocess(image, p.image_size))
+    p.core.run()
     kept: list[dict] = []
-    for h in sorted(hyps, key=lambda h: -h.mean_logprob):
-        r = {**p.tasks.parse("propose", h.tokens, *image.size), "score": h.mean_logprob}
+    for h in sorted(search.best(8), key=lambda h: -h.mean_logprob):
+        r = {**p.tasks.parse("ground", h.tokens, *image.size), "score": h.mean_logprob}
         if r["score"] < -1.0 and kept:
             break
         if all(iou(r["box"], k["box"]) < 0.5 for k in kept):
@@ -54,8 +58,8 @@ def beam8(p: Predictor, image) -> list[dict]:
 
 
 def caption_aref(p: Predictor, image) -> list[dict]:
-    (cap,) = p.run([image], [Ask(0, "caption")])
-    phrases = [cap["text"][a:b] for a, b in object_phrases(cap["text"])]
+    (cap,) = p.run([image], [(0, Request("caption"))])
+    phrases = [cap.text[a:b] for a, b in object_phrases(cap.text)]
     exprs = []
     for i, ph in enumerate(phrases):
         twins = [j for j, q in enumerate(phrases) if q == ph]
@@ -63,7 +67,7 @@ def caption_aref(p: Predictor, image) -> list[dict]:
         exprs.append(f"the {ph}{where}")
     if not exprs:
         return []
-    boxes = [a["box"] for a in p.run([image], [Ask(0, "refer", expression=e) for e in exprs])]
+    boxes = [a.box for a in p.run([image], [(0, Request("refer", expression=e)) for e in exprs])]
     objects = []
     for ph, box in zip(phrases, boxes, strict=True):
         words = ph.split()
@@ -79,9 +83,9 @@ def caption_aref(p: Predictor, image) -> list[dict]:
 
 def corners(options: RegionOptions):
     def find(p: Predictor, image) -> list[dict]:
-        p.region_options = options
-        (out,) = p.run([image], [Ask(0, "propose")])
-        return out["regions"]
+        p.core.region_options = options
+        (out,) = p.run([image], [(0, Request("ground"))])
+        return [dataclasses.asdict(r) for r in out.regions]
     return find
 
 
@@ -122,7 +126,7 @@ def main() -> None:
     loaded = load_inference(src.path, src.backend, threads=1)
     p = Predictor(loaded.inference, loaded.tasks)
     scenes, crowded = heldout_scenes(args.scenes, args.offset), heldout_scenes(args.crowded, args.offset, count=8)
-    _, cap_times = timed(lambda p, im: p.run([im], [Ask(0, "caption")]), p, [s.image for s in scenes])
+    _, cap_times = timed(lambda p, im: p.run([im], [(0, Request("caption"))]), p, [s.image for s in scenes])
     caption_ms = 1e3 * float(np.median(cap_times))
     results = {"model": args.model, "scenes": args.scenes, "crowded_scenes": args.crowded, "offset": args.offset,
                "caption_ms": caption_ms, "methods": {}}

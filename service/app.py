@@ -35,10 +35,7 @@ class _Uvicorn(uvicorn.Server):
 
 def worker_specs(settings: Settings, source: bundle.Source) -> list[WorkerSpec]:
     return [WorkerSpec(index=i, model=source.path, backend=source.backend, device=device, threads=settings.threads,
-                       max_batch=settings.max_batch_size, max_wait=settings.max_wait_ms / 1000,
-                       max_rows=settings.max_rows,
-                       short_tokens=settings.short_job_tokens, max_defer=settings.short_job_max_defer_ms / 1000,
-                       warmup=settings.warmup, log_level=settings.log_level,
+                       scheduler=settings.scheduler(), warmup=settings.warmup, log_level=settings.log_level,
                        log_json=settings.log_json, parent_pid=os.getpid())
             for i, device in enumerate(bundle.devices(settings))]
 

@@ -14,20 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from model.config import SIZES
-from model.predictor import DEFAULT_REGIONS
+from model.requests import API_CALLS, MAX_REGIONS, Request, RequestError, Result, validate
 
 from . import images, metrics
 from .body import Buffers
-from .errors import BadExpression, DeadlineExceeded, QueueFull, Unavailable
-from .jobs import Task
+from .errors import DeadlineExceeded, QueueFull, Unavailable, from_core
 from .pool import WorkerPool
 from .settings import Settings
-
-TASKS = ("caption", "refer", "ground")
 
 
 class Engine:
@@ -46,25 +43,21 @@ class Engine:
 
     # --- the three calls -----------------------------------------------------------------------------
     async def caption(self, image: bytes, max_new_tokens: int | None = None, timeout: float | None = None,
-                      grounded: bool = False) -> dict:
-        kind = "grounded" if grounded else "caption"
-        return await self._run(image, timeout, lambda size: Task(kind, size, max_new_tokens=max_new_tokens))
+                      grounded: bool = False) -> Result:
+        return await self._run(image, timeout, Request("caption", grounded=grounded, max_new_tokens=max_new_tokens))
 
-    async def refer(self, image: bytes, expression: str, timeout: float | None = None) -> dict:
-        if not expression or not expression.strip():
-            raise BadExpression("the expression is empty")
-        out = await self._run(image, timeout, lambda size: Task("refer", size, expression=expression))
-        return {"expression": expression, **out}
+    async def refer(self, image: bytes, expression: str, timeout: float | None = None) -> Result:
+        return await self._run(image, timeout, Request("refer", expression=expression))
 
-    async def ground(self, image: bytes, box: Sequence[float] | None = None, max_regions: int = DEFAULT_REGIONS,
-                     timeout: float | None = None) -> dict:
-        def task(size):
-            if box is None:
-                return Task("propose", size, max_regions=max_regions)
-            return Task("describe", size, box=tuple(images.check_box(box, *size)))
-        return await self._run(image, timeout, task)
+    async def ground(self, image: bytes, box: Sequence[float] | None = None, max_regions: int = MAX_REGIONS,
+                     timeout: float | None = None) -> Result:
+        """Describe `box`, or without one find every object (at most `max_regions`)."""
+        request = Request("ground", max_regions=max_regions) if box is None else Request("describe", box=tuple(box))
+        return await self._run(image, timeout, request)
 
-    async def _run(self, image: bytes, timeout: float | None, task: Callable[[tuple[int, int]], Task]) -> dict:
+    async def _run(self, image: bytes, timeout: float | None, request: Request) -> Result:
+        """Admit, decode the image, validate the request against it (model/requests.py validate: the one place,
+        before anything is queued), and run it on a worker."""
         limit = self.settings.request_timeout_s if timeout is None else min(timeout, self.settings.request_timeout_s)
         deadline = time.monotonic() + limit
         with self._admit():
@@ -75,7 +68,11 @@ class Engine:
                     pixels, size = await loop.run_in_executor(self.executor, self._load, image, image_size)
             except TimeoutError:
                 raise DeadlineExceeded("the request's deadline passed") from None
-            return await self.pool.run(task(size), pixels, deadline)
+            try:
+                request = validate(request, size)
+            except RequestError as e:
+                raise from_core(e) from None
+            return await self.pool.run(request, pixels, size, deadline)
 
     def _load(self, data: bytes, image_size: int):
         t0 = time.perf_counter()
@@ -119,7 +116,7 @@ class Engine:
         if info is None:
             raise Unavailable("the model is not loaded yet", retry_after=self.settings.retry_after_s)
         cfg = info["config"]
-        return {"name": self.model_name, "size": size_name(cfg), "tasks": list(TASKS),
+        return {"name": self.model_name, "size": size_name(cfg), "tasks": list(API_CALLS),
                 "backend": info["backend"], "device": info["device"], "config": cfg,
                 "step": info["meta"].get("step")}
 

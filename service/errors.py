@@ -1,12 +1,16 @@
 """The one set of service errors: each knows its REST status, its gRPC code and its stable `code` string.
 
 Both transports turn a ServiceError into their own error shape (REST: `{"error": {"code", "message"}}`,
-gRPC: status code + details); nothing else decides a status.
+gRPC: status code + details); nothing else decides a status. What the engine core raises (a RequestError) or
+finishes a request with becomes one here (`from_core`), in the worker, and crosses the pipe whole.
 """
 
 from __future__ import annotations
 
 import grpc
+
+from model.core import Expired, ModelCallFailed
+from model.requests import RequestError
 
 
 class ServiceError(Exception):
@@ -79,7 +83,12 @@ class Internal(ServiceError):
     pass
 
 
-# Errors that cross the worker pipe travel as their `code` string.
-BY_CODE = {cls.code: cls for cls in (BadImage, BadBox, BadExpression, BadRequest, Unauthorized, RequestTimeout,
-                                     TooLarge, UnsupportedMediaType, InvalidRequest, QueueFull, Unavailable,
-                                     DeadlineExceeded, Internal)}
+def from_core(e: Exception) -> ServiceError:
+    """The service error of what the engine core (model/core.py) raised or finished a request with."""
+    if isinstance(e, RequestError):
+        return {"bad_box": BadBox, "bad_expression": BadExpression}.get(e.code, BadRequest)(e.message)
+    if isinstance(e, Expired):
+        return DeadlineExceeded(str(e))
+    if isinstance(e, ModelCallFailed):
+        return Internal(str(e))
+    return Internal(f"{type(e).__name__}: {e}")

@@ -21,6 +21,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
+from model.requests import Result
+
 from . import auth, logs, metrics, protos
 from .engine import Engine
 from .errors import InvalidRequest, QueueFull, ServiceError
@@ -33,6 +35,19 @@ log = logging.getLogger("locca.grpc")
 
 def _box(b) -> pb.Box:
     return pb.Box(x0=b[0], y0=b[1], x1=b[2], y1=b[3])
+
+
+def to_pb(result: Result):
+    """A Result (model/requests.py) as its gRPC response: the one place one becomes a message."""
+    if result.task == "caption":
+        return pb.CaptionResponse(caption=result.text, score=result.score, phrases=[
+            pb.Phrase(text=p.text, start=p.span[0], end=p.span[1], score=p.score or 0.0,
+                      **({} if p.box is None else {"box": _box(p.box)})) for p in result.phrases or ()])
+    if result.task == "refer":
+        return pb.ReferResponse(box=_box(result.box), score=result.score)
+    if result.task == "describe":
+        return pb.GroundResponse(regions=[pb.Region(box=_box(result.box), text=result.text, score=result.score)])
+    return pb.GroundResponse(regions=[pb.Region(box=_box(r.box), text=r.text, score=r.score) for r in result.regions])
 
 
 @dataclass(frozen=True)
@@ -77,18 +92,13 @@ class LoccaServicer(pb_grpc.LocCaServicer):
     async def Caption(self, request, context):
         async def work(timeout):
             p = _params(CaptionParams, max_new_tokens=request.max_new_tokens or None, grounded=request.grounded)
-            out = await self.engine.caption(request.image, p.max_new_tokens, timeout, p.grounded)
-            return pb.CaptionResponse(caption=out["caption"], score=out["score"], phrases=[
-                pb.Phrase(text=f["text"], start=f["span"][0], end=f["span"][1], score=f["score"] or 0.0,
-                          **({} if f["box"] is None else {"box": _box(f["box"])}))
-                for f in out.get("phrases") or ()])
+            return to_pb(await self.engine.caption(request.image, p.max_new_tokens, timeout, p.grounded))
         return await self._call(context, "Caption", work, request)
 
     async def Refer(self, request, context):
         async def work(timeout):
             p = _params(ReferParams, expression=request.expression)
-            out = await self.engine.refer(request.image, p.expression, timeout)
-            return pb.ReferResponse(box=_box(out["box"]), score=out["score"])
+            return to_pb(await self.engine.refer(request.image, p.expression, timeout))
         return await self._call(context, "Refer", work, request)
 
     async def Ground(self, request, context):
@@ -98,9 +108,7 @@ class LoccaServicer(pb_grpc.LocCaServicer):
                 b = request.box
                 box = [b.x0, b.y0, b.x1, b.y1]
             p = _params(GroundParams, box=box, max_regions=request.max_regions or MAX_REGIONS)
-            out = await self.engine.ground(request.image, p.box, p.max_regions, timeout)
-            return pb.GroundResponse(regions=[pb.Region(box=_box(r["box"]), text=r["text"], score=r["score"])
-                                              for r in out["regions"]])
+            return to_pb(await self.engine.ground(request.image, p.box, p.max_regions, timeout))
         return await self._call(context, "Ground", work, request)
 
     async def _call(self, context, method: str, work, request):

@@ -1,4 +1,4 @@
-"""Request images and boxes: bytes -> RGB pixels under explicit limits, and request boxes checked.
+"""Request images: bytes -> RGB pixels under explicit limits (boxes are checked with the request, model/requests.py).
 
 Only the formats of the contract are ever opened (Pillow's other plugins, some of which shell out or parse
 exotic containers, are never tried); the pixel count is checked from the header before anything is decoded.
@@ -8,9 +8,7 @@ Runs in a thread pool, off the event loop (service/engine.py).
 from __future__ import annotations
 
 import io
-import math
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.image import preprocess
 
-from .errors import BadBox, BadImage, TooLarge
+from .errors import BadImage, TooLarge
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 WHITE = (255, 255, 255)
@@ -83,23 +81,3 @@ def load(data: bytes, limits: Limits, image_size: int) -> tuple[np.ndarray, tupl
     """Bytes -> the model's pixels (3, S, S) float32, and (width, height) of the image as displayed."""
     im = decode(data, limits)
     return preprocess(im, image_size), im.size
-
-
-def check_box(box: Sequence[float], width: int, height: int) -> list[float]:
-    """A request box in pixels of the image as displayed -> the box clipped to the image.
-
-    Rule: coordinates must be finite with x0 < x1 and y0 < y1; a box partly outside the image is clipped to
-    it; a box with nothing inside the image is refused (400 bad_box / INVALID_ARGUMENT).
-    """
-    if len(box) != 4:
-        raise BadBox(f"a box is four numbers [x0, y0, x1, y1], got {len(box)}")
-    if not all(isinstance(v, int | float) and math.isfinite(v) for v in box):
-        raise BadBox("box coordinates must be finite numbers")
-    x0, y0, x1, y1 = (float(v) for v in box)
-    if not (x0 < x1 and y0 < y1):
-        raise BadBox(f"a box needs x0 < x1 and y0 < y1, got {[x0, y0, x1, y1]}")
-    clipped = [min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width),
-               min(max(y1, 0.0), height)]
-    if not (clipped[0] < clipped[2] and clipped[1] < clipped[3]):
-        raise BadBox(f"the box {[x0, y0, x1, y1]} lies outside the {width}x{height} image")
-    return clipped

@@ -25,9 +25,10 @@ import time
 
 import numpy as np
 
+from model.requests import Request, Result
+
 from . import metrics, worker
-from .errors import BY_CODE, DeadlineExceeded, Internal, Unavailable
-from .jobs import Task
+from .errors import DeadlineExceeded, Unavailable
 from .worker import WorkerSpec
 
 log = logging.getLogger("locca.pool")
@@ -149,7 +150,7 @@ class WorkerPool:
         elif kind == "result":
             self._settle(h, msg[1], result=msg[2])
         elif kind == "error":
-            self._settle(h, msg[1], error=BY_CODE.get(msg[2], Internal)(msg[3]))
+            self._settle(h, msg[1], error=msg[2])
         elif kind == "stats":
             metrics.record_worker_stats(msg[1], self._queue_depths, h.slot)
         elif kind == "failed":
@@ -207,18 +208,18 @@ class WorkerPool:
         asyncio.get_running_loop().call_later(delay, self._spawn, h.slot)
 
     # --- requests ------------------------------------------------------------------------------------
-    async def run(self, task: Task, pixels: np.ndarray, deadline: float) -> dict:
-        """Run one task on the least busy ready worker, waiting for one if none is; `deadline` is on the
+    async def run(self, request: Request, pixels: np.ndarray, size: tuple[int, int], deadline: float) -> Result:
+        """Run one request on the least busy ready worker, waiting for one if none is; `deadline` is on the
         monotonic clock. A request whose worker dies is run again, once, on the next ready worker. Cancelling
         the caller (client gone, gRPC deadline) or passing the deadline aborts the job in the worker."""
         h = await self._ready_worker(deadline)
         try:
-            return await self._run_on(h, task, pixels, deadline)
+            return await self._run_on(h, request, pixels, size, deadline)
         except WorkerDied:
             metrics.REQUESTS_RETRIED.inc()
             log.warning("the worker holding a request died; queueing it again", extra={"slot": h.slot})
         try:
-            return await self._run_on(await self._ready_worker(deadline), task, pixels, deadline)
+            return await self._run_on(await self._ready_worker(deadline), request, pixels, size, deadline)
         except WorkerDied:
             raise Unavailable("the model workers serving this request died twice; retry",
                               retry_after=self.retry_after) from None
@@ -236,13 +237,14 @@ class WorkerPool:
             except TimeoutError:
                 raise DeadlineExceeded("no model worker was ready before the request's deadline") from None
 
-    async def _run_on(self, h: WorkerHandle, task: Task, pixels: np.ndarray, deadline: float) -> dict:
+    async def _run_on(self, h: WorkerHandle, request: Request, pixels: np.ndarray, size: tuple[int, int],
+                      deadline: float) -> Result:
         if not h.jobs:
             h.heard = time.monotonic()  # an idle worker is quiet: its silence counts from now
         job_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         h.jobs[job_id] = fut
-        h.send(("add", job_id, task, pixels, max(0.0, deadline - time.monotonic())))
+        h.send(("add", job_id, request, pixels, size, max(0.0, deadline - time.monotonic())))
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 return await fut

@@ -8,7 +8,7 @@ The model in this process answers with the server's own prompts, searches and pa
 from __future__ import annotations
 
 from . import images
-from .schemas import MAX_REGIONS
+from .schemas import MAX_REGIONS, to_json
 
 # A local file is the user's own: limits only against decompression bombs, well above the server's defaults.
 LOCAL_LIMITS = images.Limits(max_bytes=1 << 30, max_pixels=200_000_000)
@@ -26,18 +26,14 @@ def load_predictor(model: str, backend: str = "torch", device: str = "cpu"):
 
 def answer(predictor, image, task: str, expression: str | None = None, box: list[float] | None = None,
            max_regions: int = MAX_REGIONS, max_new_tokens: int | None = None, grounded: bool = False) -> dict:
-    """Predictor.run's answer shaped as the server's (service/jobs.py Tasker.answer)."""
-    from model.predictor import Ask  # noqa: PLC0415
+    """The Predictor's Result for one API call (caption, refer, ground), as the server answers it in JSON."""
+    from model.requests import Request  # noqa: PLC0415
 
     if task == "caption":
-        (out,) = predictor.run([image], [Ask(0, "grounded" if grounded else "caption", max_new_tokens=max_new_tokens)])
-        return {"caption": out["text"], "score": out["score"], **({"phrases": out["phrases"]} if grounded else {})}
-    if task == "refer":
-        (out,) = predictor.run([image], [Ask(0, "refer", expression=expression)])
-        return {"expression": expression, "box": out["box"], "score": out["score"]}
-    if box is None:
-        (out,) = predictor.run([image], [Ask(0, "propose", max_regions=max_regions)])
-        return out
-    box = images.check_box(box, *image.size)
-    (out,) = predictor.run([image], [Ask(0, "describe", box=box)])
-    return {"regions": [{"box": box, "text": out["text"], "score": out["score"]}]}
+        request = Request("caption", grounded=grounded, max_new_tokens=max_new_tokens)
+    elif task == "refer":
+        request = Request("refer", expression=expression)
+    else:
+        request = Request("ground", max_regions=max_regions) if box is None else Request("describe", box=tuple(box))
+    (result,) = predictor.run([image], [(0, request)])
+    return to_json(result, expression)

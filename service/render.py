@@ -22,6 +22,8 @@ from functools import lru_cache
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from model.requests import API_CALLS
+
 from .images import Limits, decode
 
 # Saturated colours of middling luminance: they stand out on the shapes world's light background (190-250 per
@@ -29,7 +31,7 @@ from .images import Limits, decode
 # in order. service/static/demo.js holds the same list.
 PALETTE = ((255, 20, 147), (0, 150, 255), (255, 120, 0), (0, 150, 136), (230, 0, 230), (150, 75, 0),
            (128, 128, 0), (70, 90, 120))
-TASKS = ("caption", "refer", "ground")
+TASKS = API_CALLS
 
 
 def colour(i: int) -> tuple[int, int, int]:

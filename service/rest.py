@@ -136,7 +136,7 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         if how not in ("json", "png"):
             work.close()  # the engine's coroutine, never started
             raise InvalidRequest(f"render must be json or png, not {how!r}")
-        result = await until_disconnect(request, work)
+        result = api.to_json(await until_disconnect(request, work), getattr(p, "expression", None))
         if how == "json":
             return result
         png = await asyncio.get_running_loop().run_in_executor(

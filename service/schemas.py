@@ -2,7 +2,8 @@
 the same `*Params` models, so both transports accept exactly the same requests.
 
 Schema violations (missing field, wrong type, out of range) are 422; well-typed but unusable values (an
-undecodable image, a bad box, an empty expression) are 400, checked by the engine.
+undecodable image, a bad box, an empty expression) are 400, checked with the request (model/requests.py
+validate). `to_json` is the one place a Result (model/requests.py) becomes a REST answer.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 
+from model.requests import MAX_REGIONS, Result
+
 from .errors import BadImage
 
 MAX_NEW_TOKENS = 512         # the model's positions clip it further (48 for `tiny`)
-MAX_REGIONS = 32             # the most regions one /ground answer may ask for (and the default)
 MAX_EXPRESSION_CHARS = 256
 
 
@@ -159,3 +161,18 @@ def b64_image(text: str) -> bytes:
         return base64.b64decode(re.sub(r"\s+", "", _DATA_URL.sub("", text, count=1)), validate=True)
     except (binascii.Error, ValueError):
         raise BadImage("the image is not valid base64") from None
+
+
+def to_json(result: Result, expression: str | None = None) -> dict:
+    """A Result as its REST answer (the *Response models above); a refer's answer repeats its expression."""
+    if result.task == "caption":
+        out = {"caption": result.text, "score": result.score}
+        if result.phrases is not None:
+            out["phrases"] = [{"text": p.text, "span": list(p.span), "box": p.box, "score": p.score}
+                              for p in result.phrases]
+        return out
+    if result.task == "refer":
+        return {"expression": expression, "box": result.box, "score": result.score}
+    if result.task == "describe":
+        return {"regions": [{"box": result.box, "text": result.text, "score": result.score}]}
+    return {"regions": [{"box": r.box, "text": r.text, "score": r.score} for r in result.regions]}

@@ -11,6 +11,10 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.scheduler import SchedulerConfig
+
+_DEFAULT = SchedulerConfig()  # the batching settings' defaults are the scheduler's own
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOCCA_", extra="ignore", frozen=True)
@@ -34,19 +38,19 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="intra-op threads per worker; 0 = the backend's default")
 
     # --- batching -----------------------------------------------------------------------------------
-    max_batch_size: int = Field(16, ge=1, description="most images encoded (and prompts prefilled) together")
-    max_wait_ms: float = Field(0.0, ge=0, description=(
+    max_batch_size: int = Field(_DEFAULT.max_batch, ge=1, description="most images encoded (and prompts prefilled) together")
+    max_wait_ms: float = Field(_DEFAULT.max_wait * 1000, ge=0, description=(
         "how long a request may wait for others to share its encoder batch before it is encoded anyway; "
         "0 (as Triton's max_queue_delay): an idle worker starts at once, and requests that arrive while it "
         "works are batched at its next step anyway (continuous batching)"))
-    max_rows: int = Field(256, ge=33, description=(
+    max_rows: int = Field(_DEFAULT.max_rows, ge=33, description=(
         "most KV-cache rows decoded together (a caption or refer takes 1 row; /ground without a box and a "
         "grounded caption up to 33: a row per corner their region search follows, and the caption's)"))
-    short_job_tokens: int = Field(8, ge=0, description=(
+    short_job_tokens: int = Field(_DEFAULT.short_tokens, ge=0, description=(
         "requests that generate at most this many tokens (a refer: 5) are prefilled before longer ones, and "
         "while one is decoding, newly arrived longer ones wait (see --short-job-max-defer-ms), so that a refer "
         "among long captions is not slowed by their encoder calls; 0 = strictly in arrival order"))
-    short_job_max_defer_ms: float = Field(20.0, ge=0, description=(
+    short_job_max_defer_ms: float = Field(_DEFAULT.max_defer * 1000, ge=0, description=(
         "the longest a longer request is held back for short ones"))
 
     # --- admission ----------------------------------------------------------------------------------
@@ -98,6 +102,12 @@ class Settings(BaseSettings):
         if any(len(k) < 16 for k in self.api_key_list()):
             raise ValueError("every API key needs at least 16 characters")
         return self
+
+    def scheduler(self) -> SchedulerConfig:
+        """The batching settings as the engine core takes them, whole (model/scheduler.py)."""
+        return SchedulerConfig(max_batch=self.max_batch_size, max_wait=self.max_wait_ms / 1000,
+                               max_rows=self.max_rows, short_tokens=self.short_job_tokens,
+                               max_defer=self.short_job_max_defer_ms / 1000)
 
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]

@@ -1,12 +1,13 @@
 """A model worker: one process per accelerator (one on a CPU), started and supervised by service/pool.py.
 
-It loads the model, warms it up, says "ready", then loops: read the server's messages, expire late jobs,
-`schedule()` a batch, run it (service/runner.py), `postprocess()` the logits, send the answers.
+It loads the model into an engine core (model/core.py), warms it up, says "ready", then loops: read the server's
+messages, `step()` the core (expire late requests, run one batch), send what finished.
 
 Messages, over two one-way pipes (pickled tuples):
-    server -> worker   ("add", id, Task, pixels, timeout_s)   ("abort", id)   ("stop",)
-    worker -> server   ("ready", info)   ("result", id, answer)   ("error", id, code, message)   ("stats", Stats)
+    server -> worker   ("add", id, Request, pixels, size, timeout_s)   ("abort", id)   ("stop",)
+    worker -> server   ("ready", info)   ("result", id, Result)   ("error", id, ServiceError)   ("stats", dict)
                        ("failed", message): the model cannot be loaded; the worker exits
+An error crosses the pipe whole (its type is its REST status and gRPC code, service/errors.py).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ServiceError
-from .jobs import Task, Tasker
-from .runner import Runner
-from .scheduler import Job, Prefill, Scheduler
+from model.core import EngineCore
+from model.requests import Request, RequestError
+from model.scheduler import SchedulerConfig
+
+from .errors import from_core
 
 log = logging.getLogger("locca.worker")
 STATS_EVERY_S = 0.25
@@ -37,11 +39,7 @@ class WorkerSpec:
     backend: str
     device: str
     threads: int
-    max_batch: int
-    max_wait: float
-    max_rows: int
-    short_tokens: int
-    max_defer: float
+    scheduler: SchedulerConfig
     warmup: bool
     log_level: str
     log_json: bool
@@ -55,15 +53,11 @@ def main(inbox, outbox, spec: WorkerSpec) -> None:
     from . import logs
     logs.setup(spec.log_level, spec.log_json, worker=spec.index)
     from export.backends import load_inference
-    from model.predictor import Predictor
 
     t0 = time.perf_counter()
     try:
         loaded = load_inference(spec.model, spec.backend, spec.device, spec.threads or None)
-        worker = Worker(Tasker(Predictor(loaded.inference, loaded.tasks)),
-                        Runner(loaded.inference, loaded.tok.pad_id),
-                        Scheduler(spec.max_batch, spec.max_wait, spec.max_rows, spec.short_tokens,
-                                  spec.max_defer), inbox, outbox, spec.parent_pid)
+        worker = Worker(EngineCore(loaded.inference, loaded.tasks, spec.scheduler), inbox, outbox, spec.parent_pid)
         if spec.warmup:
             worker.warm_up()
     except Exception as e:  # noqa: BLE001 (a missing, corrupt or incompatible model: say so, and exit)
@@ -79,16 +73,14 @@ def main(inbox, outbox, spec: WorkerSpec) -> None:
 
 
 class Worker:
-    def __init__(self, tasker: Tasker, runner: Runner, scheduler: Scheduler, inbox, outbox, parent_pid: int):
-        self.tasker, self.runner, self.scheduler = tasker, runner, scheduler
-        self.inbox, self.outbox, self.parent_pid = inbox, outbox, parent_pid
-        self.tasks: dict[int, Task] = {}
+    def __init__(self, core: EngineCore, inbox, outbox, parent_pid: int):
+        self.core, self.inbox, self.outbox, self.parent_pid = core, inbox, outbox, parent_pid
         self.stopping = False
 
     def loop(self) -> None:
         last_stats, last_depth = time.monotonic(), None
         while not self.stopping:
-            wait = self.scheduler.next_wakeup(time.monotonic())
+            wait = self.core.next_wakeup(time.monotonic())
             self.receive(STATS_EVERY_S if wait is None else min(wait, STATS_EVERY_S))
             if os.getppid() != self.parent_pid:
                 log.warning("the server process is gone; exiting")
@@ -115,64 +107,33 @@ class Worker:
     def handle(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "add":
-            _, job_id, task, pixels, timeout = msg
+            _, job_id, request, pixels, size, timeout = msg
+            now = time.monotonic()
             try:
-                search = self.tasker.search(task)
-                now = time.monotonic()
-                self.scheduler.add(Job(job_id, pixels, search, now, now + timeout))
-                self.tasks[job_id] = task
-            except ServiceError as e:
-                self.outbox.send(("error", job_id, e.code, e.message))
-            except ValueError as e:  # a job wider than the scheduler's rows (settings forbid it)
-                self.outbox.send(("error", job_id, "bad_request", str(e)))
+                self.core.add(request, pixels, size, job_id, now, now + timeout)
+            except RequestError as e:
+                self.outbox.send(("error", job_id, from_core(e)))
         elif kind == "abort":
-            if self.scheduler.abort(msg[1]) is not None:
-                self.tasks.pop(msg[1], None)
+            self.core.abort(msg[1])
         elif kind == "stop":
             self.stopping = True
 
     def step(self) -> None:
-        now = time.monotonic()
-        for job in self.scheduler.expire(now):
-            self.tasks.pop(job.id, None)
-            self.outbox.send(("error", job.id, "deadline_exceeded", "the request's deadline passed"))
-        batch = self.scheduler.schedule(now)
-        if batch is None:
-            return
-        try:
-            logits = self.runner(batch)
-        except Exception:  # noqa: BLE001 (a failed model call fails its jobs, not the worker)
-            log.exception("model call failed; failing its jobs")
-            lost = {j.id: j for j in self.scheduler.reset() + (batch.jobs if isinstance(batch, Prefill) else [])}
-            self.runner.reset()
-            for job_id in lost:
-                self.tasks.pop(job_id, None)
-                self.outbox.send(("error", job_id, "internal", "the model call failed"))
-            return
-        for job in self.scheduler.postprocess(batch, logits):
-            task = self.tasks.pop(job.id)
-            try:
-                self.outbox.send(("result", job.id, self.tasker.answer(task, job.search)))
-            except Exception as e:  # noqa: BLE001
-                log.exception("answer failed")
-                self.outbox.send(("error", job.id, "internal", f"answer failed: {e}"))
+        for f in self.core.step(time.monotonic()):
+            self.outbox.send(("result", f.id, f.result) if f.error is None else ("error", f.id, from_core(f.error)))
 
     def stats(self) -> dict:
-        s = self.scheduler.take_stats()
-        return {**dataclasses.asdict(s), "waiting": len(self.scheduler.waiting),
-                "running": len(self.scheduler.running)}
+        s = self.core.take_stats()
+        return {**dataclasses.asdict(s), "waiting": len(self.core.scheduler.waiting),
+                "running": len(self.core.scheduler.running)}
 
     def warm_up(self) -> None:
-        """One job of each kind through the whole path, so the first request pays no first-call costs."""
-        size = self.tasker.predictor.image_size
+        """One request of each task through the whole path, so the first client pays no first-call costs."""
+        size = self.core.image_size
         pixels = np.zeros((3, size, size), np.float32)
-        tasks = [Task("caption", (size, size)), Task("refer", (size, size), expression="the shape"),
-                 Task("describe", (size, size), box=(0.0, 0.0, size / 2, size / 2)),
-                 Task("propose", (size, size))]
-        for i, task in enumerate(tasks):
-            self.scheduler.add(Job(-1 - i, pixels, self.tasker.search(task), 0.0))
-        while self.scheduler.waiting or self.scheduler.running:
-            batch = self.scheduler.schedule(float("inf"))
-            self.scheduler.postprocess(batch, self.runner(batch))
-        self.scheduler.take_stats()
-        self.runner.reset()
+        for request in (Request("caption"), Request("refer", expression="the shape"),
+                        Request("describe", box=(0.0, 0.0, size / 2, size / 2)), Request("ground")):
+            self.core.add(request, pixels, (size, size))
+        self.core.run()
+        self.core.take_stats()
+        self.core.reset()

@@ -60,6 +60,15 @@ def quick_model_path(tmp_path_factory, tiny_model, tok):
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module's tests: the suite shares 2 cores, and spinning pools fight each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

@@ -1,14 +1,29 @@
-"""Constrained decoding: every output parses, whatever the weights; batched search equals a naive reference."""
+"""Constrained decoding: every output parses, whatever the weights; batched search equals a naive reference.
+Searches run through the engine core (model/core.py), the one driver of the decode loop."""
 
 import numpy as np
 import pytest
 import torch
 
 from model.config import get_size
-from model.decoding import DecodingOptions, Grammar, GrammarState, Query, budget_for, decode, log_softmax
+from model.core import EngineCore
+from model.decoding import BeamSearch, DecodingOptions, Grammar, GrammarState, Query, budget_for, log_softmax
 from model.inference import TorchInference
 from model.model import LocCa
+from model.scheduler import ALL_AT_ONCE
 from model.tasks import GRAMMARS
+
+
+def decode(inf, pixels, queries, tasks, options=DecodingOptions()):
+    """Each query's `num_return` best hypotheses, its image pixels[q.image], all queries in one batch."""
+    core, images = EngineCore(inf, tasks, ALL_AT_ONCE, options), list(pixels)
+    S = inf.cfg.max_seq_len
+    searches = [BeamSearch(q, budget_for(q, options, S), options.beam_size, core.grammar, options.length_penalty)
+                for q in queries]
+    for q, search in zip(queries, searches, strict=True):
+        core.submit(search, images[q.image])
+    core.run()
+    return [s.best(options.num_return) for s in searches]
 
 
 def queries_for(tasks, rng, n_images):
@@ -20,7 +35,7 @@ def queries_for(tasks, rng, n_images):
         qs += [Query(i, "caption", tuple(tasks.caption_prompt()), int(rng.integers(2, 20))),
                Query(i, "refer", tuple(tasks.refer_prompt("the small red circle on the left"))),
                Query(i, "describe", tuple(tasks.describe_prompt(box, w, h)), int(rng.integers(2, 12))),
-               Query(i, "propose", tuple(tasks.propose_prompt()), int(rng.integers(7, 20)))]
+               Query(i, "ground", tuple(tasks.ground_prompt()), int(rng.integers(7, 20)))]
     return qs
 
 
@@ -49,9 +64,9 @@ def test_every_output_is_well_formed_on_random_weights(seed, beam, tok, tasks):
         p.data.mul_(1 + 3 * (seed % 3))
     inf = TorchInference(model)
     rng = np.random.default_rng(seed)
-    cross = inf.encode(rng.standard_normal((2, 3, 128, 128)).astype(np.float32))
+    pixels = rng.standard_normal((2, 3, 128, 128)).astype(np.float32)
     qs = queries_for(tasks, rng, 2)
-    results = decode(inf, cross, qs, tok, DecodingOptions(beam_size=beam, num_return=beam))
+    results = decode(inf, pixels, qs, tasks, DecodingOptions(beam_size=beam, num_return=beam))
     for q, hyps in zip(qs, results, strict=True):
         assert len(hyps) == beam
         assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
@@ -71,7 +86,7 @@ def test_batched_greedy_equals_naive_recomputation(tiny_model, tok, tasks):
     rng = np.random.default_rng(7)
     pixels = rng.standard_normal((2, 3, 128, 128)).astype(np.float32)
     qs = queries_for(tasks, rng, 2)
-    got = decode(inf, inf.encode(pixels), qs, tok, DecodingOptions(max_new_tokens=12))
+    got = decode(inf, pixels, qs, tasks, DecodingOptions(max_new_tokens=12))
     grammar = Grammar(tok)
     for q, hyps in zip(qs, got, strict=True):
         seq, state = list(q.prompt), GrammarState(GRAMMARS[q.task], q.max_new_tokens or 12)
@@ -88,23 +103,22 @@ def test_batched_greedy_equals_naive_recomputation(tiny_model, tok, tasks):
 def test_batch_composition_does_not_change_results(tiny_model, tok, tasks):
     inf = TorchInference(tiny_model)
     rng = np.random.default_rng(3)
-    cross = inf.encode(rng.standard_normal((2, 3, 128, 128)).astype(np.float32))
+    pixels = rng.standard_normal((2, 3, 128, 128)).astype(np.float32)
     qs = queries_for(tasks, rng, 2)
-    together = decode(inf, cross, qs, tok, DecodingOptions(beam_size=2))
+    together = decode(inf, pixels, qs, tasks, DecodingOptions(beam_size=2))
     for q, hyps in zip(qs, together, strict=True):
-        alone = decode(inf, cross, [q], tok, DecodingOptions(beam_size=2))[0]
+        alone = decode(inf, pixels, [q], tasks, DecodingOptions(beam_size=2))[0]
         assert [h.tokens for h in alone] == [h.tokens for h in hyps]
         np.testing.assert_allclose([h.score for h in alone], [h.score for h in hyps], atol=1e-4)
 
 
 def test_a_budget_too_small_for_the_grammar_is_refused(tiny_model, tok, tasks):
-    inf = TorchInference(tiny_model)
-    cross = inf.encode(np.zeros((1, 3, 128, 128), np.float32))
+    S = tiny_model.cfg.max_seq_len
     with pytest.raises(ValueError, match="refer"):
-        decode(inf, cross, [Query(0, "refer", tuple(tasks.refer_prompt("x")), 4)], tok)
+        budget_for(Query(0, "refer", tuple(tasks.refer_prompt("x")), 4), DecodingOptions(), S)
     long_prompt = tuple(tasks.refer_prompt("the red circle " * 30))
     with pytest.raises(ValueError, match="positions"):
-        decode(inf, cross, [Query(0, "refer", long_prompt)], tok)
+        budget_for(Query(0, "refer", long_prompt), DecodingOptions(), S)
 
 
 def test_options_are_validated():
@@ -118,8 +132,6 @@ def test_options_are_validated():
 def test_greedy_fast_path_takes_the_general_beam_paths_choices(task, tok):
     """BeamSearch runs one beam through `_greedy`; the general `_beams`, given width 1, must choose the same
     tokens with the same log-probabilities and scores, on peaked, flat and tied logits alike."""
-    from model.decoding import BeamSearch
-
     grammar, rng = Grammar(tok), np.random.default_rng(len(task))
     for trial in range(20):
         q = Query(0, task, (1, 2, 3))

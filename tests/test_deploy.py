@@ -402,8 +402,8 @@ def test_workload_mix_and_checks(workload):
         assert abs(share[kind] - weight / 100) < 0.05, (kind, share[kind])
     refer = next(c for c in calls if c.kind == "refer")
     assert refer.fields["expression"] in refer.scene.expressions and refer.path == "/v1/refer"
-    ground = next(c for c in calls if c.kind == "ground_box")
-    assert ground.name == "/v1/ground [box]" and ground.grpc_name == "Ground [box]"
+    ground = next(c for c in calls if c.kind == "describe")
+    assert ground.name == "/v1/ground [describe]" and ground.grpc_name == "Ground [describe]"
     assert list(ground.fields["box"]) in map(list, ground.scene.boxes)
     w, h = refer.scene.width, refer.scene.height
     assert workload.check(refer, {"expression": "x", "box": [1, 2, w - 1, h - 1], "score": -0.5}) is None

@@ -8,6 +8,7 @@ and int8-accuracy tests skip). Both backends run on one thread: the suite shares
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -28,7 +29,8 @@ from model.configs import load as load_config
 from model.heldout import heldout_scenes
 from model.inference import TorchInference
 from model.interface import Inference
-from model.predictor import Ask, Predictor
+from model.predictor import Predictor
+from model.requests import Request
 
 DEFAULT = Path(__file__).resolve().parents[1] / "models" / "locca-tiny-shapes" / "checkpoint.safetensors"
 TOL = 1e-4
@@ -39,13 +41,7 @@ INT8_SCENES = 64
 INT8_MIN_AGREEMENT = 0.90  # measured 97.6 % (step-1000 default bundle, AVX2 CPU)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for both backends: the suite shares 2 cores, and spinning pools fight each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: the suite shares 2 cores
 
 
 @pytest.fixture(scope="module")
@@ -264,16 +260,21 @@ def test_tensorrt_profiles_cover_every_dynamic_input(exported):
 
 
 def predict_all(loaded, scenes, batch=32):
-    """Every task on every scene: caption, propose (beam search), refer and describe for each object."""
+    """Every task on every scene: caption, ground, refer and describe for each object (results as dicts)."""
     predictor, out = Predictor(loaded.inference, loaded.tasks), []
     for i in range(0, len(scenes), batch):
         chunk, asks = scenes[i:i + batch], []
         for j, s in enumerate(chunk):
-            asks += [Ask(j, "caption"), Ask(j, "propose")]
+            asks += [(j, Request("caption")), (j, Request("ground"))]
             for obj, expr in zip(s.objects, s.expressions, strict=True):
-                asks += [Ask(j, "refer", expression=expr), Ask(j, "describe", box=obj.box)]
-        out += predictor.run([s.image for s in chunk], asks)
+                asks += [(j, Request("refer", expression=expr)), (j, Request("describe", box=tuple(obj.box)))]
+        out += [as_dict(r) for r in predictor.run([s.image for s in chunk], asks)]
     return out
+
+
+def as_dict(result):
+    """A Result as a dict of its set fields (regions as dicts)."""
+    return {k: v for k, v in dataclasses.asdict(result).items() if v is not None and k != "task"}
 
 
 def split_scores(answers):
@@ -295,7 +296,7 @@ def heldout_answers(default_bundle):
 
 def test_greedy_outputs_identical_on_heldout_scenes(heldout_answers):
     (pt, st), (po, so) = split_scores(heldout_answers["torch"]), split_scores(heldout_answers["fp32"])
-    assert len(pt) >= 100 * 4  # caption, propose, and refer + describe for each of at least one object
+    assert len(pt) >= 100 * 4  # caption, ground, and refer + describe for each of at least one object
     assert any("regions" in a and a["regions"] for a in heldout_answers["torch"])
     assert any("box" in a for a in heldout_answers["torch"]) and any("text" in a for a in heldout_answers["torch"])
     mismatches = [i for i, (a, b) in enumerate(zip(pt, po, strict=True)) if a != b]

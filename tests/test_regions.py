@@ -6,6 +6,7 @@ box and its text given the corner; ARef the box of an expression), so the tests 
 the search must find. Random weights check what must hold for any model: well-formed, bounded, batch-independent.
 """
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,12 +15,15 @@ import torch
 from PIL import Image
 
 from model.config import get_size
-from model.decoding import Grammar, Query, run
+from model.core import EngineCore
+from model.decoding import Grammar, Query
 from model.inference import TorchInference
 from model.model import LocCa
 from model.phrases import attribute_words, link, object_phrases
-from model.predictor import Ask, Predictor
+from model.predictor import Predictor
 from model.regions import RegionOptions, RegionSearch, iou, peaks
+from model.requests import Request
+from model.scheduler import ALL_AT_ONCE
 
 # --- a scripted model -------------------------------------------------------------------------------------
 
@@ -99,10 +103,18 @@ def scene_world(tok, tasks, objects, caption="", liar=None):
 def find(tok, tasks, world, options=RegionOptions(), images=1):
     inf = Scripted(world, tok.vocab_size)
     grammar = Grammar(tok)
-    searches = [RegionSearch(Query(i, "propose", tuple(tasks.propose_prompt())), 46, grammar, tasks, 48, options)
+    searches = [RegionSearch(Query(i, "ground", tuple(tasks.ground_prompt())), 46, grammar, tasks, 48, options)
                 for i in range(images)]
-    run(inf, inf.encode(np.zeros((images, 3, 32, 32))), searches, tok.pad_id)
+    run(inf, tasks, searches, np.zeros((images, 3, 32, 32), np.float32))
     return searches, inf
+
+
+def run(inf, tasks, searches, pixels):
+    """The searches to the end through the engine core, search i on image pixels[i], all in one batch."""
+    core = EngineCore(inf, tasks, ALL_AT_ONCE)
+    for search, image in zip(searches, list(pixels), strict=True):
+        core.submit(search, image)
+    core.run()
 
 
 OBJECTS = [((10, 5, 20, 15), "the red circle"),
@@ -152,15 +164,15 @@ def test_a_grounded_caption_links_each_phrase_to_its_box(tok, tasks):
     inf = Scripted(scene_world(tok, tasks, objects, caption), tok.vocab_size)
     predictor = Predictor(inf, tasks)
     image = Image.new("RGB", (64, 64))
-    (out,) = predictor.run([image], [Ask(0, "grounded")])
-    assert out["text"] == caption
-    assert [p["text"] for p in out["phrases"]] == ["small red circle", "large blue square", "small red circle"]
-    for p in out["phrases"]:
-        assert caption[p["span"][0]:p["span"][1]] == p["text"]
+    (out,) = predictor.run([image], [(0, Request("caption", grounded=True))])
+    assert out.text == caption
+    assert [p.text for p in out.phrases] == ["small red circle", "large blue square", "small red circle"]
+    for p in out.phrases:
+        assert caption[p.span[0]:p.span[1]] == p.text
     want = [tasks.codec.decode([tok.loc_offset + k for k in objects[i][0]], 64, 64) for i in (0, 1, 2)]
-    assert [p["box"] for p in out["phrases"]] == want, "twins in left-to-right order"
-    (plain,) = predictor.run([image], [Ask(0, "caption")])
-    assert plain["text"] == out["text"] and plain["score"] == out["score"]
+    assert [p.box for p in out.phrases] == want, "twins in left-to-right order"
+    (plain,) = predictor.run([image], [(0, Request("caption"))])
+    assert plain.text == out.text and plain.score == out.score and plain.phrases is None
 
 
 # --- any weights ------------------------------------------------------------------------------------------
@@ -174,9 +186,9 @@ def test_regions_are_well_formed_and_distinct_on_random_weights(seed, tok, tasks
         p.data.mul_(1 + 2 * seed)
     inf = TorchInference(model)
     rng = np.random.default_rng(seed)
-    cross = inf.encode(rng.standard_normal((2, 3, 128, 128)).astype(np.float32))
+    pixels = rng.standard_normal((2, 3, 128, 128)).astype(np.float32)
     grammar, options = Grammar(tok), RegionOptions(max_rows=8)
-    searches = [RegionSearch(Query(i, "propose", tuple(tasks.propose_prompt())), 12, grammar, tasks, 48, options)
+    searches = [RegionSearch(Query(i, "ground", tuple(tasks.ground_prompt())), 12, grammar, tasks, 48, options)
                 for i in range(2)]
     widths = []
     original = inf.step
@@ -186,7 +198,7 @@ def test_regions_are_well_formed_and_distinct_on_random_weights(seed, tok, tasks
         return original(state, tokens, positions)
 
     inf.step = step
-    run(inf, cross, searches, tok.pad_id)
+    run(inf, tasks, searches, pixels)
     assert max(widths) <= 2 * options.max_rows
     for s in searches:
         regions = s.regions(300, 200, 32)
@@ -248,8 +260,8 @@ def test_the_bundled_model_finds_most_objects_once_each():
     bundle = load("models/locca-tiny-shapes/checkpoint.safetensors")
     predictor = Predictor(TorchInference(bundle.model), bundle.tasks)
     scenes = heldout_scenes(24, offset=2_000_000_000)
-    answers = predictor.run([s.image for s in scenes], [Ask(i, "propose") for i in range(len(scenes))])
-    regions = [a["regions"] for a in answers]
+    answers = predictor.run([s.image for s in scenes], [(i, Request("ground")) for i in range(len(scenes))])
+    regions = [[dataclasses.asdict(r) for r in a.regions] for a in answers]
     got = proposal_scores(scenes, regions)
     assert got["proposal_recall"] >= 0.85 and got["proposal_precision"] >= 0.9, got
     for rs in regions:

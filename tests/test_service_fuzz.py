@@ -22,11 +22,12 @@ from hypothesis import strategies as st
 from PIL import Image
 from starlette.requests import Request
 
+from model.requests import RequestError, check_box
 from model.shapes import generate_scene
 from service import images
 from service import schemas as api
 from service.body import read_request
-from service.errors import ServiceError
+from service.errors import ServiceError, from_core
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's notes on the corrupt files it reads
 EXAMPLES = int(os.environ.get("LOCCA_FUZZ_EXAMPLES", "150"))
@@ -111,9 +112,9 @@ def test_image_decoding_gives_an_image_within_limits_or_a_client_error(data):
        size=st.tuples(st.integers(1, 5000), st.integers(1, 5000)))
 def test_a_box_is_clipped_inside_the_image_or_refused(box, size):
     try:
-        x0, y0, x1, y1 = images.check_box(box, *size)
-    except Exception as e:  # noqa: BLE001
-        assert client_error(e), f"{type(e).__name__}: {e}"
+        x0, y0, x1, y1 = check_box(box, *size)
+    except Exception as e:  # noqa: BLE001 (the property: only the contract's errors)
+        assert isinstance(e, RequestError) and client_error(from_core(e)), f"{type(e).__name__}: {e}"
         return
     assert 0 <= x0 < x1 <= size[0] and 0 <= y0 < y1 <= size[1]
 

@@ -1,11 +1,12 @@
-"""The scheduler of one model worker: plain synchronous code, `add` / `schedule()` -> batch /
-`postprocess(batch, outputs)`, as nano-vllm's; the worker loop (service/worker.py) is those calls around one
-model call (service/runner.py). It never touches the model, so it is unit-tested without one.
+"""The scheduler of one engine core: plain synchronous code, `add` / `schedule()` -> batch /
+`postprocess(batch, outputs)`, as nano-vllm's; the core (model/core.py) is those calls around one model call.
+It never touches the model, so it is unit-tested without one.
 
 Two kinds of batch:
-    Prefill  waiting jobs, up to `max_batch` images: encode them, start one KV-cache row per job, run the
-             prompts, append the rows to the running state (dynamic batching: a job waits at most
-             `max_wait` seconds for others to share its encoder call).
+    Prefill  waiting jobs, up to `max_batch`: encode their images (once each: jobs that share one image array
+             share its encoder row), start one KV-cache row per job, run the prompts, append the rows to the
+             running state (dynamic batching: a job waits at most `max_wait` seconds for others to share its
+             encoder call).
     Decode   one token for every beam of every running job (continuous, iteration-level batching over
              KV-cache rows): jobs join after their prefill and leave as soon as they finish, so a short refer
              never waits for a long caption.
@@ -15,8 +16,8 @@ prefilled before the long ones that wait with it, and while one runs, long jobs 
 (up to `max_defer` seconds each): their encoder calls would otherwise sit between a refer's few decode steps,
 each as long as several of them. Jobs already decoding never stop. Measured in benchmarks/batching.py.
 
-Each job's search is a `model.decoding.BeamSearch`, the same object `decode()` drives, and rows are laid out
-with the same `next_rows`: a job's output does not depend on what else is in the batch.
+Each job's search is a `model.decoding.BeamSearch` (or a search with its interface, model/regions.py), laid out
+in rows by `next_rows`: a job's output does not depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,25 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.decoding import BeamSearch, Query, next_rows
+from .decoding import BeamSearch, Query, next_rows
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The batching policy, one object from the server's settings (service/settings.py) to the core."""
+    max_batch: int = 16           # most jobs prefilled (and images encoded) together
+    max_wait: float = 0.0         # seconds a job may wait for others to share its prefill (0: none waits)
+    max_rows: int = 256           # KV-cache rows the running batch may hold (a ground search takes up to 33)
+    short_tokens: int = 8         # jobs that generate at most this many tokens go first (0: arrival order)
+    max_defer: float = 0.02       # seconds a long job may be held back for short ones
+
+    def __post_init__(self):
+        if self.max_batch < 1 or self.max_rows < 1 or min(self.max_wait, self.max_defer, self.short_tokens) < 0:
+            raise ValueError(f"need max_batch, max_rows >= 1 and max_wait, max_defer, short_tokens >= 0: {self}")
+
+
+# Everything at once, in arrival order: what an offline caller (model/predictor.py) wants of a batch it holds.
+ALL_AT_ONCE = SchedulerConfig(max_batch=1 << 30, max_rows=1 << 30, short_tokens=0)
 
 
 @dataclass
@@ -46,8 +65,8 @@ class Job:
 @dataclass
 class Prefill:
     jobs: list[Job]
-    pixels: np.ndarray            # (B, 3, S, S), image i belongs to jobs[i]
-    queries: list[Query]          # one per job, image = its index
+    pixels: np.ndarray            # (I, 3, S, S), the jobs' distinct images
+    queries: list[Query]          # one per job, `image` indexing `pixels`
     base: int                     # rows of the running state kept before the new ones; 0: start a new state
 
 
@@ -80,12 +99,10 @@ def _fill_holes(jobs: list[Job], gone: set[int]) -> list[Job]:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int = 16, max_wait: float = 0.005, max_rows: int = 256, short_tokens: int = 8,
-                 max_defer: float = 0.02):
-        """short_tokens: jobs that generate at most this many tokens go first (0: strictly in arrival order);
-        max_defer: the longest a long job is held back for short ones (seconds)."""
-        self.max_batch, self.max_wait, self.max_rows = max_batch, max_wait, max_rows
-        self.short_tokens, self.max_defer = short_tokens, max_defer
+    def __init__(self, config: SchedulerConfig = SchedulerConfig()):
+        self.config = config
+        self.max_batch, self.max_wait, self.max_rows = config.max_batch, config.max_wait, config.max_rows
+        self.short_tokens, self.max_defer = config.short_tokens, config.max_defer
         self.waiting: list[Job] = []
         self.running: list[Job] = []   # prefilled, in the order of their rows
         self.rows = 0                  # rows the running state holds after the last batch
@@ -193,8 +210,12 @@ class Scheduler:
             self.stats.queue_waits.append(now - job.arrival)
         self.stats.prefill_sizes.append(len(take))
         base = self.rows if self.running else 0
-        queries = [dataclasses.replace(j.search.query, image=i) for i, j in enumerate(take)]
-        return Prefill(take, np.stack([j.pixels for j in take]), queries, base)
+        images: dict[int, int] = {}  # id of a job's pixel array -> its index in this prefill's images
+        for job in take:
+            images.setdefault(id(job.pixels), len(images))
+        distinct = {i: job.pixels for job in take for i in [images[id(job.pixels)]]}
+        queries = [dataclasses.replace(j.search.query, image=images[id(j.pixels)]) for j in take]
+        return Prefill(take, np.stack([distinct[i] for i in range(len(distinct))]), queries, base)
 
     def next_wakeup(self, now: float) -> float | None:
         """Seconds until the scheduler has something to do without new input (None: nothing pending)."""
