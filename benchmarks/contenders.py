@@ -22,7 +22,7 @@ from .engine import Contender
 from .peers import hf_model
 
 # ONNX Runtime's GPU EPs: (provider, contender name, precision). The TensorRT EP builds fp16 engines
-# (export/trt_build.py's options), from the fp32 bundle, the first time it loads them (minutes).
+# (export/trt_options.py), from the fp32 bundle, the first time it loads them (minutes).
 ORT_GPU = {"cuda": ("CUDAExecutionProvider", "ours ort-cuda fp32", "fp32"),
            "tensorrt": ("TensorrtExecutionProvider", "ours ort-trt fp16", "fp16")}
 TRT_MAX_BATCH = 64  # trt_provider_options' default profile: rows 1 / 8 / 64

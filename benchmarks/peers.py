@@ -8,7 +8,7 @@ more FLOPs than ours, which is what the user would run. Decoding is `generate()`
 `use_cache=True` (cross-attention K/V computed once, self-attention K/V cached), under `torch.inference_mode`,
 with no end token, so it makes exactly the tokens asked for.
 
-Our side of the comparison is `engine_generate`: the inference interface of model/inference.py (ONNX Runtime
+Our side of the comparison is `engine_generate`: the inference interface of model/interface.py (ONNX Runtime
 or PyTorch) driven by the same plain greedy loop, the same number of tokens from the same one-token prompt.
 """
 

@@ -48,7 +48,7 @@ class Finished:
 
 
 class Runner:
-    """Executes a scheduler batch through the inference interface (model/inference.py) and keeps the running
+    """Executes a scheduler batch through the inference interface (model/interface.py) and keeps the running
     KV-cache state. It decides nothing: the scheduler chose the rows."""
 
     def __init__(self, inference, pad_id: int):

@@ -3,7 +3,7 @@
 Built from small parts, as whisper's decoding.py: a frozen options dataclass, a grammar that masks the logits so
 that every output parses, and the search of one query, a step at a time. A query is one prompt to continue; the
 engine core (model/core.py) lays searches out in rows of one batch, which mixes tasks, prompt lengths and
-budgets freely, and runs them through the inference interface (model/inference.py, any backend).
+budgets freely, and runs them through the inference interface (model/interface.py, any backend).
 
 Every hypothesis ends with <eos>: when a text budget is about to run out, <eos> is forced, and budgets too
 small for a task's grammar are refused up front.

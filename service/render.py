@@ -1,7 +1,7 @@
 """Annotated images: an answer's boxes and texts drawn over the image they are about.
 
 One drawing for every surface that shows one: the REST answer with `render=png` (service/rest.py) and
-`locca predict --out` (service/predict.py). The demo page (service/static/demo.js) draws the same boxes in the
+`locca predict --out` (locca/predict.py). The demo page (service/static/demo.js) draws the same boxes in the
 browser, with the same colours.
 
 Boxes are the API's: `[x0, y0, x1, y1]` in pixels of the image as displayed (after EXIF orientation), x1 and
