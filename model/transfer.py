@@ -169,6 +169,11 @@ def summarise(results: list[dict]) -> dict:
             rows = [r for r in results if r["kind"] == kind and r["arm"] == arm]
             if rows:
                 out[kind][arm] = {k: _spread([r[k] for r in rows]) for k in keys if k in rows[0]}
+    probe = {(r["arm"], r["seed"]): r for r in results if r["kind"] == "probe"}
+    seeds = sorted({seed for arm, seed in probe if arm == "locca" and ("cap", seed) in probe})
+    if seeds:  # the paired difference: both arms of a seed saw the same scenes from the same initialisation
+        out["locca_minus_cap"] = {k: _spread([probe["locca", s][k] - probe["cap", s][k] for s in seeds])
+                                  for k in ("refer_acc50", "refer_miou")}
     return out
 
 
@@ -181,6 +186,10 @@ def table(summary: dict) -> str:
     rows = [(arm, cell(arm, "probe", "refer_acc50"), cell(arm, "probe", "refer_miou"),
              cell(arm, "pretrain", "caption_exact"), cell(arm, "pretrain", "caption_cider"))
             for arm in (*ARMS, FLOOR)]
+    if gap := summary.get("locca_minus_cap"):
+        g = gap["refer_acc50"]
+        rows.append(("locca - cap (paired by seed)", f"{g['mean']:+.3f} ± {g['std']:.3f}",
+                     f"{gap['refer_miou']['mean']:+.3f} ± {gap['refer_miou']['std']:.3f}", "", ""))
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])

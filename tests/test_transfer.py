@@ -106,6 +106,8 @@ def test_locca_transfer_runs_every_arm_and_reports(tmp_path):
     assert [p["step"] for p in by["probe-cap-s0"]["curve"]] == [2, 4]
     assert "refer_acc50" in by["pretrain-locca-s0"] and "refer_acc50" not in by["pretrain-cap-s0"]
     assert set(report["summary"]["probe"]) == {"locca", "cap", "random"} and "| random" in done.stdout
+    gap = report["summary"]["locca_minus_cap"]["refer_acc50"]["values"]
+    assert gap == [by["probe-locca-s0"]["refer_acc50"] - by["probe-cap-s0"]["refer_acc50"]]
     assert (tmp_path / "plot.png").stat().st_size > 10_000
     runs = tmp_path / "runs"
     for arm in ("locca", "cap"):  # each probe read its own arm's encoder, frozen throughout
