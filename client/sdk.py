@@ -241,9 +241,8 @@ class LoccaGrpcClient:
             try:
                 return method(request, timeout=timeout or self.timeout, metadata=self.metadata)
             except grpc.RpcError as e:
-                trailers = dict(e.trailing_metadata() or ())
-                ra = float(trailers["retry-after"]) if "retry-after" in trailers else None
-                if e.code() not in RETRY_GRPC or attempt == self.retries:
+                ra, again = pushback(dict(e.trailing_metadata() or ()))
+                if e.code() not in RETRY_GRPC or attempt == self.retries or not again:
                     raise LoccaError(e.code().name, e.code().name.lower(), e.details() or "", ra) from None
                 time.sleep(_delay(ra, attempt, self.max_backoff))
 
@@ -255,6 +254,16 @@ class LoccaGrpcClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def pushback(trailers: dict) -> tuple[float | None, bool]:
+    """(seconds to wait or None, whether to retry at all) from a gRPC error's trailers. The standard
+    `grpc-retry-pushback-ms` (gRFC A6) wins: a non-negative integer is the wait, anything else means do not
+    retry; without it, the server's `retry-after` seconds; without either, the caller's own backoff."""
+    if "grpc-retry-pushback-ms" in trailers:
+        ms = trailers["grpc-retry-pushback-ms"]
+        return (int(ms) / 1000, True) if ms.isdigit() else (None, False)
+    return (float(trailers["retry-after"]), True) if "retry-after" in trailers else (None, True)
 
 
 def _auth(api_key: str | None) -> dict:

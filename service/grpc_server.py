@@ -3,7 +3,8 @@ server reflection. The servicer converts messages and calls the engine, nothing 
 
 A client's deadline bounds the request (it is passed to the engine), and when the client cancels or its
 deadline passes grpc.aio cancels the handler, which aborts the job in its worker. Errors: a ServiceError's
-gRPC code and message; RESOURCE_EXHAUSTED and UNAVAILABLE carry trailing metadata `retry-after` (seconds).
+gRPC code and message; RESOURCE_EXHAUSTED and UNAVAILABLE carry trailing metadata `retry-after` (seconds) and
+the standard `grpc-retry-pushback-ms` (gRFC A6), which a channel's retry policy (service config) honours.
 Metadata `x-request-id` is honoured and returned, as the REST header.
 """
 
@@ -129,7 +130,8 @@ class LoccaServicer(pb_grpc.LocCaServicer):
         except ServiceError as e:
             status = e.grpc_code.name
             if e.retry_after:
-                context.set_trailing_metadata((("retry-after", str(e.retry_after)),))
+                context.set_trailing_metadata((("retry-after", str(e.retry_after)),
+                                               ("grpc-retry-pushback-ms", str(round(1000 * e.retry_after)))))
             await context.abort(e.grpc_code, e.message)
         except asyncio.CancelledError:
             status = "CANCELLED"  # client cancelled, or its deadline passed: the job was aborted

@@ -51,3 +51,12 @@ def test_errors_keep_their_type_and_field_across_a_pipe_and_map_to_the_service_c
         assert type(back) is type(e) and back.field == e.field and back.message == e.message
         mapped = pickle.loads(pickle.dumps(from_core(back)))  # the worker sends the service error
         assert type(mapped) is service and mapped.status == 400 and mapped.message == e.message
+
+
+def test_the_grpc_client_honours_the_standard_pushback_before_retry_after():
+    from client.sdk import pushback
+
+    assert pushback({"grpc-retry-pushback-ms": "250", "retry-after": "3"}) == (0.25, True)
+    assert pushback({"grpc-retry-pushback-ms": "-1"}) == (None, False)  # gRFC A6: do not retry
+    assert pushback({"grpc-retry-pushback-ms": "soon"}) == (None, False)
+    assert pushback({"retry-after": "2"}) == (2.0, True) and pushback({}) == (None, True)

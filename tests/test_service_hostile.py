@@ -29,6 +29,7 @@ from hypothesis.errors import Unsatisfiable
 from PIL import Image
 from schemathesis import GenerationMode
 
+from client.sdk import pushback
 from model import checkpoint
 from model.config import BoxConfig
 from model.shapes import generate_scene
@@ -387,7 +388,9 @@ def test_grpc_messages_share_the_budget_with_rest_bodies(server):
                 stub.Caption(message, timeout=10)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
             assert "too much at once" in e.value.details()
-            assert dict(e.value.trailing_metadata())["retry-after"] == "1"
+            trailers = dict(e.value.trailing_metadata())
+            assert trailers["retry-after"] == "1" and trailers["grpc-retry-pushback-ms"] == "1000"
+            assert pushback(trailers) == (1.0, True)  # the client's policy waits what the server asks
         finally:
             for c in conns:
                 c.close()
