@@ -39,7 +39,7 @@ COPY pyproject.toml deploy/requirements.py ./
 # above the plain one, so PyPI's CUDA build (GBs of nvidia-* wheels) is never chosen.
 RUN python -m venv /opt/venv \
  && pip install --quiet pip==26.3 \
- && python requirements.py > /tmp/requirements.txt \
+ && python requirements.py --extra train > /tmp/requirements.txt \
  && pip install --quiet -r /tmp/requirements.txt \
  && python -c "import torch; assert not torch.version.cuda, 'the CPU image got a CUDA torch: ' + torch.__version__" \
  && rm /tmp/requirements.txt requirements.py
@@ -79,7 +79,7 @@ COPY pyproject.toml deploy/requirements.py ./
 # hadolint ignore=SC2086,DL3013
 RUN python -m venv /opt/venv \
  && pip install --quiet pip==26.3 \
- && python requirements.py --extra gpu --drop onnxruntime > /tmp/requirements.txt \
+ && python requirements.py --extra train --extra gpu --drop onnxruntime > /tmp/requirements.txt \
  && pip install --quiet -r /tmp/requirements.txt \
  && if [ -n "$TENSORRT" ]; then pip install --quiet --extra-index-url "$TENSORRT_INDEX_URL" $TENSORRT; fi \
  && rm /tmp/requirements.txt requirements.py

@@ -3,7 +3,7 @@ PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-EXTRAS  ?= dev
+EXTRAS  ?= dev,train
 
 .PHONY: setup test serve lint examples clean help
 
@@ -43,9 +43,9 @@ IMAGE_TARGET         ?= cpu
 
 .PHONY: loadtest image
 
-loadtest: EXTRAS = dev,bench
+loadtest: EXTRAS = dev,train,bench
 loadtest: $(STAMP)  ## Locust against a running server (LOCCA_URL): CSV, HTML report, plot in loadtests/results/
-	@$(BIN)/python -c "import locust" 2>/dev/null || $(BIN)/pip install --quiet -e ".[dev,bench]"
+	@$(BIN)/python -c "import locust" 2>/dev/null || $(BIN)/pip install --quiet -e ".[dev,train,bench]"
 	@$(BIN)/python -c "import httpx; httpx.get('$(LOCCA_URL)/readyz', timeout=5).raise_for_status()" 2>/dev/null \
 	  || { echo "no ready server at $(LOCCA_URL) (start one: make serve)"; exit 1; }
 	@mkdir -p $(LOADTEST_OUT)

@@ -24,6 +24,18 @@ COMMANDS = {
 # command -> the module that runs it when --url is given: a client of a running server, in the client package,
 # which the command's own module (in the model layer) may not import (tests/test_layers.py)
 REMOTE = {"eval": "client.remote_eval"}
+# what the `train` extra installs (pyproject.toml): a serving install has none of it
+TRAIN_EXTRA = {"torch", "matplotlib", "pycocoevalcap", "onnx", "onnxscript"}
+
+
+def load(command: str, module: str):
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in TRAIN_EXTRA:
+            raise
+        raise SystemExit(f"locca {command} needs the train extra, and {e.name} is not installed: "
+                         "pip install 'locca-serve[train]'") from None
 
 
 def main(argv=None) -> int:
@@ -36,14 +48,14 @@ def main(argv=None) -> int:
         if name != chosen:  # only the command that runs is imported: `locca serve` does not load training code
             sub.add_parser(name, help=help_, add_help=False)
             continue
-        mod = importlib.import_module(module)
+        mod = load(name, module)
         p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
     args = parser.parse_args(argv)
     if getattr(args, "url", None) and args.command in REMOTE:
-        return importlib.import_module(REMOTE[args.command]).run(args)
+        return load(args.command, REMOTE[args.command]).run(args)
     return args.func(args)
 
 

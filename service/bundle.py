@@ -17,6 +17,7 @@ model makes the server exit too (service/pool.py), never a restart loop or a fai
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -88,6 +89,11 @@ def resolve(settings: Settings) -> Source:
     if (onnx_dir / "manifest.json").is_file() and not stale(onnx_dir, model):
         return Source(str(onnx_dir), "onnxruntime")
     ckpt = checkpoint_of(model)
+    if importlib.util.find_spec("torch") is None:  # a serving install (no `train` extra) cannot export
+        raise InvalidModel(f"no ONNX bundle at {onnx_dir} to serve, and this install has no torch to export one "
+                           f"from {ckpt}: install the train extra (pip install 'locca-serve[train]') and start "
+                           "again, or export where torch is installed (locca export CHECKPOINT OUT) and serve "
+                           "that bundle (--model OUT)")
     if not settings.export_if_missing:
         return _fallback(model, f"no ONNX bundle at {onnx_dir} and exporting one is turned off")
     log.info("no ONNX bundle; exporting one", extra={"checkpoint": str(ckpt), "out": str(onnx_dir)})

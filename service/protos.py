@@ -1,6 +1,7 @@
-"""The gRPC stubs, generated from proto/locca/v1/locca.proto with grpc_tools.protoc on first use.
+"""The gRPC stubs of proto/locca/v1/locca.proto: the ones an installed package ships (`locca_grpc`, generated when
+the wheel is built, setup.py), or in a source checkout, generated with grpc_tools.protoc on first use.
 
-Output: `build/grpc/<sha256 of the .proto, 12 hex>/locca_pb2.py` and `locca_pb2_grpc.py` (build/ is
+In a checkout, output: `build/grpc/<sha256 of the .proto, 12 hex>/locca_pb2.py` and `locca_pb2_grpc.py` (build/ is
 gitignored; never edit them). A changed .proto gets a new directory, so stale stubs are never loaded, and
 processes generating at the same time cannot see half-written files (each writes a temporary directory and
 renames it into place). The .proto is compiled from its own directory, so the modules are top-level
@@ -50,7 +51,13 @@ def generate(proto: Path = PROTO, build: Path = BUILD) -> Path:
 
 
 def load() -> tuple[ModuleType, ModuleType]:
-    """-> (locca_pb2, locca_pb2_grpc)."""
+    """-> (locca_pb2, locca_pb2_grpc): the installed package's, else generated from the checkout's .proto."""
+    try:
+        from locca_grpc import locca_pb2, locca_pb2_grpc  # noqa: PLC0415 (shipped in the wheel)
+
+        return locca_pb2, locca_pb2_grpc
+    except ImportError:
+        pass  # a source checkout: the stubs are made from proto/ (grpcio-tools, the dev extra)
     out = str(generate())
     if out not in sys.path:
         sys.path.insert(0, out)

@@ -1,0 +1,66 @@
+"""What an install holds: the wheel ships the gRPC stubs and the .proto (generated when it is built), and serving
+needs none of the `train` extra (torch, plotting, CIDEr, the ONNX exporter)."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_EXTRA = ("torch", "matplotlib", "pycocoevalcap", "onnx", "onnxscript")
+
+# Run a snippet with the train extra's packages made unimportable, as in an install without it.
+WITHOUT_TRAIN = f"""
+import importlib.abc, sys
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {TRAIN_EXTRA!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, NotInstalled())
+"""
+
+
+def without_train(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_TRAIN + code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_wheel_ships_the_grpc_stubs_and_the_proto(tmp_path):
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("locca_serve-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"locca_grpc/locca_pb2.py", "locca_grpc/locca_pb2_grpc.py", "locca_grpc/locca.proto"} <= set(names)
+    assert zipfile.ZipFile(wheel).read("locca_grpc/locca.proto") == (ROOT / "proto/locca/v1/locca.proto").read_bytes()
+    # the shipped stubs import as a package (no top-level locca_pb2 needed) and serve the .proto's methods
+    probe = subprocess.run([sys.executable, "-c", f"""
+import sys; sys.path.insert(0, {str(wheel)!r})
+from locca_grpc import locca_pb2, locca_pb2_grpc
+assert locca_pb2_grpc.locca__pb2 is locca_pb2
+print(sorted(m.name for m in locca_pb2.DESCRIPTOR.services_by_name["LocCa"].methods))
+"""], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.split() == ["['Caption',", "'Ground',", "'Refer']"]
+
+
+def test_serving_and_the_client_need_nothing_of_the_train_extra():
+    done = without_train("""
+import client, export.backends, export.onnx_backend, model.core, service.app, service.grpc_server, service.rest
+import service.worker
+from locca.cli import main
+for command in ("serve", "predict"):
+    try:
+        main([command, "--help"])
+    except SystemExit as e:
+        assert e.code == 0, command
+print("ok", "torch" in sys.modules)
+""")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok False")
+
+
+def test_a_training_command_without_the_train_extra_says_what_to_install():
+    done = without_train("from locca.cli import main\nmain(['train', '--help'])")
+    assert done.returncode == 1
+    assert "locca train needs the train extra" in done.stderr and "locca-serve[train]" in done.stderr
