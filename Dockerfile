@@ -34,15 +34,15 @@ ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PIP_FIND_LINKS
 ARG PIP_CERT
-COPY pyproject.toml deploy/requirements.py ./
-# torch==2.13.0 resolves to 2.13.0+cpu from the CPU index or the wheel directory: a local version sorts
-# above the plain one, so PyPI's CUDA build (GBs of nvidia-* wheels) is never chosen.
+COPY requirements/image-cpu.lock ./
+# Every dependency from the lock file (`make lock`): pyproject.toml's pins and the train extra (the build
+# exports the ONNX bundle), resolved. torch==2.13.0+cpu comes from the CPU index or the wheel directory, so
+# PyPI's CUDA build (GBs of nvidia-* wheels) is never chosen.
 RUN python -m venv /opt/venv \
  && pip install --quiet pip==26.3 \
- && python requirements.py --extra train > /tmp/requirements.txt \
- && pip install --quiet -r /tmp/requirements.txt \
+ && pip install --quiet -r image-cpu.lock \
  && python -c "import torch; assert not torch.version.cuda, 'the CPU image got a CUDA torch: ' + torch.__version__" \
- && rm /tmp/requirements.txt requirements.py
+ && rm image-cpu.lock
 
 # ---- build-cpu: the source, the gRPC stubs and the ONNX bundle of the default model ----------------------
 FROM deps-cpu AS build-cpu
@@ -50,13 +50,13 @@ ARG PIP_INDEX_URL
 ARG PIP_CERT
 ARG EXPORT_ARGS=""
 COPY . .
-# Editable: the code stays in /opt/locca, where service/protos.py finds proto/ and build/grpc/.
+# Editable: the code stays in /opt/locca; building it generates the gRPC stubs into locca_grpc/ (setup.py).
 # Everything the server would otherwise write at its first start is made here, so the root file system can
-# be read-only: the stubs (build/grpc/), the ONNX bundle (models/locca-tiny-shapes/onnx/) and bytecode.
+# be read-only: the stubs (locca_grpc/), the ONNX bundle (models/locca-tiny-shapes/onnx/) and bytecode.
 # All readable by the runtime user, who owns none of it (protos.generate's directory comes out 0700).
 # hadolint ignore=SC2086
 RUN pip install --quiet --no-deps -e . \
- && python -c "from service import protos; print('gRPC stubs in', protos.generate())" \
+ && python -c "from service import protos; print('gRPC stubs:', protos.load()[0].__file__)" \
  && locca export models/locca-tiny-shapes/checkpoint.safetensors models/locca-tiny-shapes/onnx $EXPORT_ARGS \
  && python -m compileall -q /opt/locca \
  && chmod -R a+rX /opt/locca
@@ -91,7 +91,7 @@ ARG EXPORT_ARGS=""
 COPY . .
 # hadolint ignore=SC2086
 RUN pip install --quiet --no-deps -e . \
- && python -c "from service import protos; print('gRPC stubs in', protos.generate())" \
+ && python -c "from service import protos; print('gRPC stubs:', protos.load()[0].__file__)" \
  && locca export models/locca-tiny-shapes/checkpoint.safetensors models/locca-tiny-shapes/onnx $EXPORT_ARGS \
  && python -m compileall -q /opt/locca \
  && chmod -R a+rX /opt/locca

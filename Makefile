@@ -3,20 +3,29 @@ PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-EXTRAS  ?= dev,train
+# every dependency pinned: pyproject.toml's pins with its dev and train extras, resolved by `make lock`
+LOCK    ?= requirements/dev.lock
 
-.PHONY: setup test serve lint examples clean help
+.PHONY: setup test serve lint lock examples clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/pip install --quiet -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv and install the package with its dev tools
+setup: $(STAMP)  ## create .venv from the lock file and install the package in it (editable)
+
+# a local wheel directory (PIP_FIND_LINKS: the CPU torch here) is offered to uv as pip would use it
+UV_COMPILE = $(BIN)/uv pip compile pyproject.toml --quiet --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
+lock: $(STAMP)  ## resolve pyproject.toml's pins again into requirements/*.lock (uv): after changing a pin
+	$(UV_COMPILE) --extra dev --extra train -o requirements/dev.lock
+	$(UV_COMPILE) --extra train -o requirements/image-cpu.lock
 
 test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest -q
@@ -43,7 +52,6 @@ IMAGE_TARGET         ?= cpu
 
 .PHONY: loadtest image
 
-loadtest: EXTRAS = dev,train,bench
 loadtest: $(STAMP)  ## Locust against a running server (LOCCA_URL): CSV, HTML report, plot in loadtests/results/
 	@$(BIN)/python -c "import locust" 2>/dev/null || $(BIN)/pip install --quiet -e ".[dev,train,bench]"
 	@$(BIN)/python -c "import httpx; httpx.get('$(LOCCA_URL)/readyz', timeout=5).raise_for_status()" 2>/dev/null \

@@ -102,12 +102,14 @@ def test_dockerignore_keeps_what_the_image_needs():
     patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
                 if ln.strip() and not ln.startswith("#")]
     assert not any(p.startswith("!") for p in patterns), "this check does not handle exceptions"
-    for kept in ["pyproject.toml", "README.md", "deploy/requirements.py", "deploy/healthcheck.py",
+    for kept in ["pyproject.toml", "setup.py", "requirements/image-cpu.lock", "locca_grpc/__init__.py", "README.md",
+                 "deploy/requirements.py", "deploy/healthcheck.py",
                  "proto/locca/v1/locca.proto", "service/app.py", "export/onnx_export.py", "model/model.py",
                  "locca/cli.py", "models/locca-tiny-shapes/checkpoint.safetensors"]:
         assert not _ignored(kept, patterns), kept
     for dropped in [".venv/bin/python", ".git/HEAD", "models/locca-tiny-shapes/onnx/manifest.json",
-                    "runs/shapes_tiny/train_state.pt", "build/grpc/x/locca_pb2.py", "tests/test_deploy.py",
+                    "runs/shapes_tiny/train_state.pt", "build/grpc/x/locca_pb2.py", "locca_grpc/locca_pb2.py",
+                    "tests/test_deploy.py",
                     "service/__pycache__/app.cpython-311.pyc"]:
         assert _ignored(dropped, patterns), dropped
 

@@ -64,3 +64,26 @@ def test_a_training_command_without_the_train_extra_says_what_to_install():
     done = without_train("from locca.cli import main\nmain(['train', '--help'])")
     assert done.returncode == 1
     assert "locca train needs the train extra" in done.stderr and "locca-serve[train]" in done.stderr
+
+
+def _pins(lines) -> dict[str, str]:
+    out = {}
+    for line in lines:
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==")
+            out[name.lower().replace("_", "-")] = version.split("+")[0]  # 2.13.0+cpu is the 2.13.0 pin
+    return out
+
+
+def test_the_lock_files_hold_pyprojects_pins():
+    """`make lock` after changing a pin: every pin of pyproject.toml is in the lock files at its version."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    for lock, groups in (("dev.lock", ["dev", "train"]), ("image-cpu.lock", ["train"])):
+        locked = _pins((ROOT / "requirements" / lock).read_text().splitlines())
+        wanted = _pins(project["dependencies"] + [r for g in groups for r in extras[g]])
+        assert {k: locked.get(k) for k in wanted} == wanted, f"requirements/{lock} is stale: run make lock"
+    assert "torch" not in _pins(project["dependencies"]), "the serving install has no torch"
