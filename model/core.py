@@ -43,7 +43,7 @@ class ModelCallFailed(Exception):
 class Finished:
     id: int
     result: Result | None = None     # None for a search submitted bare (`submit`): read `search`
-    error: Exception | None = None   # Expired or ModelCallFailed
+    error: Exception | None = None   # Expired, ModelCallFailed, or what answering it raised
     search: object = None            # the finished search (its hypotheses, for callers that want them all)
 
 
@@ -180,7 +180,12 @@ class EngineCore:
             return out + [Finished(i, error=ModelCallFailed("the model call failed")) for i in lost]
         for job in self.scheduler.postprocess(batch, logits):
             asked = self.requests.pop(job.id, None)
-            result = None if asked is None else self.answer(asked[0], job.search, asked[1])
+            try:
+                result = None if asked is None else self.answer(asked[0], job.search, asked[1])
+            except Exception as e:  # a bug in parsing one answer fails that request, not the batch
+                log.exception("answer failed")
+                out.append(Finished(job.id, error=e, search=job.search))
+                continue
             out.append(Finished(job.id, result, search=job.search))
         return out
 
