@@ -291,3 +291,19 @@ def test_jobs_that_leave_are_replaced_by_the_last_ones_not_shifted(predictor, sc
     assert order(_fill_holes(jobs, {4, 5})) == [0, 1, 2, 3], "leavers at the end: nothing moves"
     assert order(_fill_holes(jobs, set(range(6)))) == []
     assert order(_fill_holes(jobs, set())) == order(jobs)
+
+
+def test_an_answer_that_raises_fails_only_its_request(predictor, scenes):
+    core, _ = core_for(predictor)
+    add(core, 0, (0, Request("caption", max_new_tokens=3)), scenes, predictor)
+    add(core, 1, (0, Request("refer", expression=scenes[0].expressions[0])), scenes, predictor)
+    answer = core.answer
+
+    def flaky(request, search, size):
+        if request.task == "refer":
+            raise RuntimeError("parser bug")
+        return answer(request, search, size)
+    core.answer = flaky
+    done = {f.id: f for f in core.run()}
+    assert isinstance(done[1].error, RuntimeError) and done[1].result is None
+    assert done[0].error is None and done[0].result.text is not None and not core.busy
