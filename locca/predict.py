@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch", help="local: the backend")
     p.add_argument("--device", default="cpu", help="local: cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--timeout", type=float, default=60.0, help="--url: seconds to wait for the answer")
+    p.add_argument("--api-key", default=os.environ.get("LOCCA_API_KEY"),
+                   help="--url: the server's API key, if it requires one (default: $LOCCA_API_KEY)")
 
 
 def parse_box(text: str | None) -> list[float] | None:
@@ -67,7 +70,7 @@ def remote(data: bytes, task: str, args, box: list[float] | None) -> dict:
     from client import LoccaClient  # noqa: PLC0415
 
     try:
-        return _ask_server(LoccaClient(args.url, timeout=args.timeout), data, task, args, box)
+        return _ask_server(LoccaClient(args.url, timeout=args.timeout, api_key=args.api_key), data, task, args, box)
     except httpx.HTTPError as e:
         raise OSError(f"no answer from {args.url}: {e}") from None
 
