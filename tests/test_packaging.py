@@ -32,6 +32,8 @@ def test_the_wheel_ships_the_grpc_stubs_and_the_proto(tmp_path):
     (wheel,) = tmp_path.glob("locca_serve-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {"locca_grpc/locca_pb2.py", "locca_grpc/locca_pb2_grpc.py", "locca_grpc/locca.proto"} <= set(names)
+    static = {f"service/static/{p.name}" for p in (ROOT / "service" / "static").iterdir()}
+    assert static and static <= set(names), "the demo page's files"
     assert zipfile.ZipFile(wheel).read("locca_grpc/locca.proto") == (ROOT / "proto/locca/v1/locca.proto").read_bytes()
     # the shipped stubs import as a package (no top-level locca_pb2 needed) and serve the .proto's methods
     probe = subprocess.run([sys.executable, "-c", f"""
