@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,7 @@ class Finished:
     result: Result | None = None     # None for a search submitted bare (`submit`): read `search`
     error: Exception | None = None   # Expired, ModelCallFailed, or what answering it raised
     search: object = None            # the finished search (its hypotheses, for callers that want them all)
+    timings: dict | None = None      # monotonic seconds: arrival, prefill (start, end), finish (tracing spans)
 
 
 class Runner:
@@ -98,6 +100,7 @@ class EngineCore:
         self.grammar = Grammar(tasks.tok)
         self.image_size, self.max_seq_len = inference.cfg.image_size, inference.cfg.max_seq_len
         self.requests: dict[int, tuple[Request, tuple[int, int]]] = {}
+        self.timings: dict[int, dict] = {}  # each queued request's phases so far (Finished.timings)
         self._ids = itertools.count()
 
     # --- requests in ----------------------------------------------------------------------------------
@@ -119,6 +122,7 @@ class EngineCore:
         if search.width > self.scheduler.max_rows:
             raise RequestError(f"a search of {search.width} rows cannot fit in the core's {self.scheduler.max_rows}")
         self.scheduler.add(Job(id, pixels, search, now, deadline))
+        self.timings[id] = {"arrival": time.monotonic()}
         return id
 
     def search(self, request: Request, size: tuple[int, int]):
@@ -166,9 +170,11 @@ class EngineCore:
         out = [Finished(job.id, error=Expired("the request's deadline passed"), search=job.search) for job in late]
         for f in out:
             self.requests.pop(f.id, None)
+            self.timings.pop(f.id, None)
         batch = self.scheduler.schedule(float("inf") if now is None else now)
         if batch is None:
             return out
+        t0 = time.monotonic()
         try:
             logits = self.runner(batch)
         except Exception:  # a failed model call fails its jobs, not the core
@@ -177,8 +183,14 @@ class EngineCore:
             self.runner.reset()
             for job_id in lost:
                 self.requests.pop(job_id, None)
+                self.timings.pop(job_id, None)
             return out + [Finished(i, error=ModelCallFailed("the model call failed")) for i in lost]
+        t1 = time.monotonic()
+        if isinstance(batch, Prefill):
+            for job in batch.jobs:
+                self.timings[job.id]["prefill"] = (t0, t1)
         for job in self.scheduler.postprocess(batch, logits):
+            timings = {**self.timings.pop(job.id), "finish": t1}
             asked = self.requests.pop(job.id, None)
             try:
                 result = None if asked is None else self.answer(asked[0], job.search, asked[1])
@@ -186,7 +198,7 @@ class EngineCore:
                 log.exception("answer failed")
                 out.append(Finished(job.id, error=e, search=job.search))
                 continue
-            out.append(Finished(job.id, result, search=job.search))
+            out.append(Finished(job.id, result, search=job.search, timings=timings))
         return out
 
     def run(self) -> list[Finished]:
@@ -198,6 +210,7 @@ class EngineCore:
 
     def abort(self, id: int, reason: str = "cancelled") -> bool:
         self.requests.pop(id, None)
+        self.timings.pop(id, None)
         return self.scheduler.abort(id, reason) is not None
 
     def next_wakeup(self, now: float) -> float | None:
@@ -211,6 +224,7 @@ class EngineCore:
         self.scheduler.reset()
         self.runner.reset()
         self.requests.clear()
+        self.timings.clear()
 
     # --- results out ----------------------------------------------------------------------------------
     def answer(self, request: Request, search, size: tuple[int, int]) -> Result:

@@ -16,7 +16,7 @@ import signal
 
 import uvicorn
 
-from . import bundle, logs
+from . import bundle, logs, tracing
 from .engine import Engine
 from .pool import WorkerPool
 from .settings import Settings
@@ -44,6 +44,9 @@ async def serve(settings: Settings) -> int:
     from .grpc_server import GrpcServer  # noqa: PLC0415 (generates the stubs on first use)
     from .rest import build_app  # noqa: PLC0415
 
+    if tracing.configure():
+        log.info("exporting traces over OTLP", extra={"endpoint": os.environ.get(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")})
     source = await asyncio.to_thread(bundle.resolve, settings)
     specs = worker_specs(settings, source)
     stop, fatal = asyncio.Event(), []

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from model.config import SIZES
 from model.requests import API_CALLS, MAX_REGIONS, Request, RequestError, Result, validate
 
-from . import images, metrics
+from . import images, metrics, tracing
 from .body import Buffers
 from .errors import DeadlineExceeded, QueueFull, Unavailable, from_core
 from .pool import WorkerPool
@@ -65,7 +65,8 @@ class Engine:
             image_size = self.pool.info["config"]["image_size"]
             try:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    pixels, size = await loop.run_in_executor(self.executor, self._load, image, image_size)
+                    with tracing.phase("image decode"):
+                        pixels, size = await loop.run_in_executor(self.executor, self._load, image, image_size)
             except TimeoutError:
                 raise DeadlineExceeded("the request's deadline passed") from None
             try:
@@ -84,12 +85,13 @@ class Engine:
     @contextlib.contextmanager
     def _admit(self):
         retry = self.settings.retry_after_s
-        if self.draining:
-            raise Unavailable("the server is shutting down", retry_after=retry)
-        if self.pool.info is None:  # not served yet: loading. After that, a restart's arrivals wait (pool.run)
-            raise Unavailable("the model is not ready yet", retry_after=retry)
-        if self.in_flight >= self.settings.max_queue:
-            raise QueueFull(f"{self.in_flight} requests are queued or running; retry later", retry_after=retry)
+        with tracing.phase("admission"):
+            if self.draining:
+                raise Unavailable("the server is shutting down", retry_after=retry)
+            if self.pool.info is None:  # not served yet: loading. After that, a restart's arrivals wait (pool.run)
+                raise Unavailable("the model is not ready yet", retry_after=retry)
+            if self.in_flight >= self.settings.max_queue:
+                raise QueueFull(f"{self.in_flight} requests are queued or running; retry later", retry_after=retry)
         self.in_flight += 1
         self._idle.clear()
         metrics.IN_FLIGHT.set(self.in_flight)

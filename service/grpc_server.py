@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from model.requests import Result
 
-from . import auth, logs, metrics, protos
+from . import auth, logs, metrics, protos, tracing
 from .engine import Engine
 from .errors import InvalidRequest, QueueFull, ServiceError
 from .schemas import MAX_REGIONS, CaptionParams, GroundParams, ReferParams
@@ -93,13 +93,17 @@ class LoccaServicer(pb_grpc.LocCaServicer):
     async def Caption(self, request, context):
         async def work(timeout):
             p = _params(CaptionParams, max_new_tokens=request.max_new_tokens or None, grounded=request.grounded)
-            return to_pb(await self.engine.caption(request.image, p.max_new_tokens, timeout, p.grounded))
+            result = await self.engine.caption(request.image, p.max_new_tokens, timeout, p.grounded)
+            with tracing.phase("response"):
+                return to_pb(result)
         return await self._call(context, "Caption", work, request)
 
     async def Refer(self, request, context):
         async def work(timeout):
             p = _params(ReferParams, expression=request.expression)
-            return to_pb(await self.engine.refer(request.image, p.expression, timeout))
+            result = await self.engine.refer(request.image, p.expression, timeout)
+            with tracing.phase("response"):
+                return to_pb(result)
         return await self._call(context, "Refer", work, request)
 
     async def Ground(self, request, context):
@@ -109,16 +113,21 @@ class LoccaServicer(pb_grpc.LocCaServicer):
                 b = request.box
                 box = [b.x0, b.y0, b.x1, b.y1]
             p = _params(GroundParams, box=box, max_regions=request.max_regions or MAX_REGIONS)
-            return to_pb(await self.engine.ground(request.image, p.box, p.max_regions, timeout))
+            result = await self.engine.ground(request.image, p.box, p.max_regions, timeout)
+            with tracing.phase("response"):
+                return to_pb(result)
         return await self._call(context, "Ground", work, request)
 
     async def _call(self, context, method: str, work, request):
-        given = dict(context.invocation_metadata() or ()).get("x-request-id")
-        rid = logs.new_request_id(given)
+        metadata = dict(context.invocation_metadata() or ())
+        rid = logs.new_request_id(metadata.get("x-request-id"))
         token = logs.request_id.set(rid)
         status, t0, held = "OK", time.perf_counter(), 0
+        span = tracing.server_span(f"locca.v1.LocCa/{method}", metadata)
+        _, traceparent = span.__enter__()
         try:
-            await context.send_initial_metadata((("x-request-id", rid),))
+            await context.send_initial_metadata((("x-request-id", rid),
+                                                 *((("traceparent", traceparent),) if traceparent else ())))
             if isinstance(request, Malformed):
                 raise InvalidRequest(f"the request is not a valid {request.message}: {request.reason}")
             size = request.ByteSize()  # held until answered, under the budget REST bodies share
@@ -148,6 +157,7 @@ class LoccaServicer(pb_grpc.LocCaServicer):
             metrics.REQUEST_DURATION.labels(endpoint, status).observe(seconds)
             log.info("request", extra={"method": method, "status": status, "seconds": round(seconds, 4)})
             logs.request_id.reset(token)
+            span.__exit__(None, None, None)
 
 
 class GrpcServer:

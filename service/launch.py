@@ -96,12 +96,13 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
 
 
-def start(log_path: str | Path, **settings) -> ServerProcess:
-    """Start `locca serve` with LOCCA_<KEY>=value for every keyword; ports are picked unless given."""
+def start(log_path: str | Path, env: dict | None = None, **settings) -> ServerProcess:
+    """Start `locca serve` with LOCCA_<KEY>=value for every keyword, and `env` besides (e.g. OTEL_* variables);
+    ports are picked unless given."""
     port = settings.pop("port", None) or free_port()
     grpc_port = settings.pop("grpc_port", None) or free_port()
-    env = {**os.environ, "LOCCA_HOST": "127.0.0.1", "LOCCA_PORT": str(port), "LOCCA_GRPC_PORT": str(grpc_port),
-           **{f"LOCCA_{k.upper()}": str(v) for k, v in settings.items()}}
+    env = {**os.environ, **(env or {}), "LOCCA_HOST": "127.0.0.1", "LOCCA_PORT": str(port),
+           "LOCCA_GRPC_PORT": str(grpc_port), **{f"LOCCA_{k.upper()}": str(v) for k, v in settings.items()}}
     log_path = Path(log_path)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "service.cli"], cwd=ROOT, env=env,
@@ -110,8 +111,8 @@ def start(log_path: str | Path, **settings) -> ServerProcess:
 
 
 @contextlib.contextmanager
-def launch(log_path: str | Path = "/tmp/locca-serve.log", ready: bool = True, **settings):
-    server = start(log_path, **settings)
+def launch(log_path: str | Path = "/tmp/locca-serve.log", ready: bool = True, env: dict | None = None, **settings):
+    server = start(log_path, env, **settings)
     try:
         server.wait("/readyz" if ready else "/healthz")
         yield server

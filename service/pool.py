@@ -27,7 +27,7 @@ import numpy as np
 
 from model.requests import Request, Result
 
-from . import metrics, worker
+from . import metrics, tracing, worker
 from .errors import DeadlineExceeded, Unavailable
 from .worker import WorkerSpec
 
@@ -148,7 +148,7 @@ class WorkerPool:
             self.info = self.info or msg[1]
             self._update_ready()
         elif kind == "result":
-            self._settle(h, msg[1], result=msg[2])
+            self._settle(h, msg[1], result=msg[2:])  # (Result, the worker's timings)
         elif kind == "error":
             self._settle(h, msg[1], error=msg[2])
         elif kind == "stats":
@@ -247,7 +247,9 @@ class WorkerPool:
         h.send(("add", job_id, request, pixels, size, max(0.0, deadline - time.monotonic())))
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                return await fut
+                result, timings = await fut
+            tracing.record_worker(timings)  # its phases, as spans of this request (service/tracing.py)
+            return result
         except TimeoutError:
             h.send(("abort", job_id))
             raise DeadlineExceeded("the request's deadline passed") from None

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from . import demo, logs, metrics, render
+from . import demo, logs, metrics, render, tracing
 from . import schemas as api
 from .auth import ApiKeys, RestApiKeys
 from .body import BodyGuard, body_doc, client_timeout, read_request
@@ -64,16 +64,20 @@ class RequestContext:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = logs.new_request_id(given)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        rid = logs.new_request_id(headers.get("x-request-id", ""))
         token = logs.request_id.set(rid)
         status, t0 = 499, time.perf_counter()  # 499: the client went away before an answer was sent
+        span = tracing.server_span(f"{scope['method']} {scope['path']}", headers)
+        request_span, traceparent = span.__enter__()
 
         async def send_with_id(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                if traceparent:
+                    message["headers"].append((b"traceparent", traceparent.encode()))
                 if self.engine is not None and self.engine.draining:
                     message["headers"].append((b"connection", b"close"))
             await send(message)
@@ -92,6 +96,8 @@ class RequestContext:
             log.log(logging.DEBUG if path in QUIET else logging.INFO, "request", extra={
                 "method": scope["method"], "path": path, "status": status, "seconds": round(seconds, 4)})
             logs.request_id.reset(token)
+            request_span.set_attribute("http.response.status_code", status)
+            span.__exit__(None, None, None)
 
 
 async def until_disconnect(request: Request, work):
@@ -136,12 +142,14 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         if how not in ("json", "png"):
             work.close()  # the engine's coroutine, never started
             raise InvalidRequest(f"render must be json or png, not {how!r}")
-        result = api.to_json(await until_disconnect(request, work), getattr(p, "expression", None))
-        if how == "json":
-            return result
-        png = await asyncio.get_running_loop().run_in_executor(
-            engine.executor, render.render_png, image, task, result, engine.limits)
-        return Response(png, media_type="image/png", headers={"X-Locca-Result": json.dumps(result)})
+        answered = await until_disconnect(request, work)
+        with tracing.phase("response"):
+            result = api.to_json(answered, getattr(p, "expression", None))
+            if how == "json":
+                return result
+            png = await asyncio.get_running_loop().run_in_executor(
+                engine.executor, render.render_png, image, task, result, engine.limits)
+            return Response(png, media_type="image/png", headers={"X-Locca-Result": json.dumps(result)})
 
     @app.exception_handler(ServiceError)
     async def _service_error(_, e: ServiceError):

@@ -5,7 +5,8 @@ messages, `step()` the core (expire late requests, run one batch), send what fin
 
 Messages, over two one-way pipes (pickled tuples):
     server -> worker   ("add", id, Request, pixels, size, timeout_s)   ("abort", id)   ("stop",)
-    worker -> server   ("ready", info)   ("result", id, Result)   ("error", id, ServiceError)   ("stats", dict)
+    worker -> server   ("ready", info)   ("result", id, Result, timings)   ("error", id, ServiceError)
+                       ("stats", dict); timings: the request's phases (model/core.py), spans in the server
                        ("failed", message): the model cannot be loaded; the worker exits
 An error crosses the pipe whole (its type is its REST status and gRPC code, service/errors.py).
 """
@@ -120,7 +121,8 @@ class Worker:
 
     def step(self) -> None:
         for f in self.core.step(time.monotonic()):
-            self.outbox.send(("result", f.id, f.result) if f.error is None else ("error", f.id, from_core(f.error)))
+            self.outbox.send(("result", f.id, f.result, f.timings) if f.error is None
+                             else ("error", f.id, from_core(f.error)))
 
     def stats(self) -> dict:
         s = self.core.take_stats()
