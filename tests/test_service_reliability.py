@@ -420,13 +420,14 @@ def test_answers_say_connection_close_while_draining():
     assert b"connection" not in asyncio.run(answer(False))
 
 
-def test_locca_predict_url_sends_its_api_key(server, images, tmp_path, capsys, monkeypatch):
+def test_locca_predict_url_sends_its_api_key(model_path, images, tmp_path, capsys, monkeypatch):
     from locca.cli import main
 
     monkeypatch.delenv("LOCCA_API_KEY", raising=False)
     path = tmp_path / "scene.png"
     path.write_bytes(images[0])
-    assert main(["predict", str(path), "--url", server.url]) == 2
-    assert "unauthorized" in capsys.readouterr().err.lower()
-    assert main(["predict", str(path), "--url", server.url, "--api-key", KEY, "--max-new-tokens", "4"]) == 0
-    assert json.loads(capsys.readouterr().out)["caption"]
+    with launch.launch(tmp_path / "serve.log", model=model_path, backend="torch", threads=1, api_keys=KEY) as keyed:
+        assert main(["predict", str(path), "--url", keyed.url]) == 2
+        assert "unauthorized" in capsys.readouterr().err.lower()
+        assert main(["predict", str(path), "--url", keyed.url, "--api-key", KEY, "--max-new-tokens", "4"]) == 0
+        assert json.loads(capsys.readouterr().out)["caption"]
