@@ -40,9 +40,10 @@ class Settings(BaseSettings):
     # --- batching -----------------------------------------------------------------------------------
     max_batch_size: int = Field(_DEFAULT.max_batch, ge=1, description="most images encoded (and prompts prefilled) together")
     max_wait_ms: float = Field(_DEFAULT.max_wait * 1000, ge=0, description=(
-        "how long a request may wait for others to share its encoder batch before it is encoded anyway; "
-        "0 (as Triton's max_queue_delay): an idle worker starts at once, and requests that arrive while it "
-        "works are batched at its next step anyway (continuous batching)"))
+        "while a worker is decoding, how long a newly arrived long request (a caption, a ground) may wait for "
+        "others to share its encoder call before it is prefilled anyway (Triton's max_queue_delay, but only "
+        "under load): an idle worker starts at once, and short requests (refers) never wait. Default 10: with "
+        "wrk at 64 connections, 1.21x the captions/s of 0, the same latency at 1 connection"))
     max_rows: int = Field(_DEFAULT.max_rows, ge=33, description=(
         "most KV-cache rows decoded together (a caption or refer takes 1 row; /ground without a box and a "
         "grounded caption up to 33: a row per corner their region search follows, and the caption's)"))

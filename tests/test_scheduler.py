@@ -201,10 +201,10 @@ def test_batching_policy(predictor, scenes):
     sched = Scheduler(SchedulerConfig(max_batch=2, max_wait=1.0, max_rows=rows + 1))
     runner = predictor.core.runner
     sched.add(job_of(0, (0, Request("caption")), scenes, predictor, now=0.0))
-    assert sched.schedule(0.5) is None, "waits up to max_wait for company"
-    assert sched.next_wakeup(0.5) == pytest.approx(0.5)
-    batch = sched.schedule(1.0)
-    assert isinstance(batch, Prefill) and [j.id for j in batch.jobs] == [0] and batch.base == 0
+    assert sched.next_wakeup(0.0) == 0.0
+    batch = sched.schedule(0.0)
+    assert isinstance(batch, Prefill) and [j.id for j in batch.jobs] == [0] and batch.base == 0, \
+        "an idle core does not wait for company"
     sched.postprocess(batch, runner(batch))
     # a full batch goes at once; a ground search (32 rows) waits while the caption holds 1 of 33 rows
     for k in (1, 2):
@@ -220,6 +220,30 @@ def test_batching_policy(predictor, scenes):
         Scheduler(SchedulerConfig(max_rows=rows - 1)).add(job_of(9, (0, Request("ground")), scenes, predictor))
     with pytest.raises(ValueError):
         SchedulerConfig(max_batch=0)
+
+
+def test_under_load_a_long_job_waits_for_company_and_a_short_one_does_not(predictor, scenes):
+    runner = predictor.core.runner
+    sched = Scheduler(SchedulerConfig(max_batch=8, max_wait=1.0, max_rows=64, short_tokens=8, max_defer=5.0))
+
+    def caption(k, now):
+        return job_of(k, (0, Request("caption", max_new_tokens=30)), scenes, predictor, now=now)
+
+    def step(now):
+        batch = sched.schedule(now)
+        sched.postprocess(batch, runner(batch))
+        return batch
+    sched.add(caption(0, 0.0))
+    assert [j.id for j in step(0.0).jobs] == [0]
+    sched.add(caption(1, 1.0))
+    assert isinstance(step(1.5), Decode) and sched.next_wakeup(1.5) == 0.0, "decoding goes on while it waits"
+    sched.add(caption(2, 1.6))
+    batch = step(2.0)
+    assert isinstance(batch, Prefill) and [j.id for j in batch.jobs] == [1, 2], "max_wait passed: both together"
+    sched.add(job_of(3, (1, Request("refer", expression=scenes[1].expressions[0])), scenes, predictor, now=2.1))
+    batch = step(2.1)
+    assert isinstance(batch, Prefill) and [j.id for j in batch.jobs] == [3], "a short job goes at once"
+    runner.reset()
 
 
 def test_short_jobs_go_first_and_long_ones_wait_at_most_max_defer(predictor, scenes):
