@@ -49,6 +49,14 @@ class Finished:
     timings: dict | None = None      # monotonic seconds: arrival, prefill (start, end), finish (tracing spans)
 
 
+@dataclass
+class Pending:
+    """What the core keeps of a queued id besides its scheduler job."""
+    timings: dict                       # monotonic seconds of its phases so far (Finished.timings)
+    request: Request | None = None      # None: a bare search (`submit`)
+    size: tuple[int, int] | None = None
+
+
 class Runner:
     """Executes a scheduler batch through the inference interface (model/interface.py) and keeps the running
     KV-cache state. It decides nothing: the scheduler chose the rows."""
@@ -99,8 +107,7 @@ class EngineCore:
         self.runner = Runner(inference, tasks.tok.pad_id)
         self.grammar = Grammar(tasks.tok)
         self.image_size, self.max_seq_len = inference.cfg.image_size, inference.cfg.max_seq_len
-        self.requests: dict[int, tuple[Request, tuple[int, int]]] = {}
-        self.timings: dict[int, dict] = {}  # each queued request's phases so far (Finished.timings)
+        self.pending: dict[int, Pending] = {}  # every queued id: its request (None for a bare search), phases
         self._ids = itertools.count()
 
     # --- requests in ----------------------------------------------------------------------------------
@@ -111,7 +118,7 @@ class EngineCore:
         RequestError (nothing is queued) when the request cannot be answered as asked."""
         request = validate(request, size)
         id = self.submit(self.search(request, size), pixels, id, now, deadline)
-        self.requests[id] = (request, size)
+        self.pending[id].request, self.pending[id].size = request, size
         return id
 
     def submit(self, search, pixels: np.ndarray, id: int | None = None, now: float = 0.0,
@@ -119,10 +126,11 @@ class EngineCore:
         """Queue a search of one's own (a BeamSearch of any Query): it finishes with `result` None, read its
         `search`. `add` is this with the search a Request asks for."""
         id = next(self._ids) if id is None else id
-        if search.width > self.scheduler.max_rows:
-            raise RequestError(f"a search of {search.width} rows cannot fit in the core's {self.scheduler.max_rows}")
-        self.scheduler.add(Job(id, pixels, search, now, deadline))
-        self.timings[id] = {"arrival": time.monotonic()}
+        try:
+            self.scheduler.add(Job(id, pixels, search, now, deadline))
+        except ValueError as e:  # wider than the rows the scheduler may hold
+            raise RequestError(str(e)) from None
+        self.pending[id] = Pending({"arrival": time.monotonic()})
         return id
 
     def search(self, request: Request, size: tuple[int, int]):
@@ -169,8 +177,7 @@ class EngineCore:
         late = [] if now is None else self.scheduler.expire(now)
         out = [Finished(job.id, error=Expired("the request's deadline passed"), search=job.search) for job in late]
         for f in out:
-            self.requests.pop(f.id, None)
-            self.timings.pop(f.id, None)
+            self.pending.pop(f.id, None)
         batch = self.scheduler.schedule(float("inf") if now is None else now)
         if batch is None:
             return out
@@ -182,18 +189,17 @@ class EngineCore:
             lost = {j.id: j for j in self.scheduler.reset() + (batch.jobs if isinstance(batch, Prefill) else [])}
             self.runner.reset()
             for job_id in lost:
-                self.requests.pop(job_id, None)
-                self.timings.pop(job_id, None)
+                self.pending.pop(job_id, None)
             return out + [Finished(i, error=ModelCallFailed("the model call failed")) for i in lost]
         t1 = time.monotonic()
         if isinstance(batch, Prefill):
             for job in batch.jobs:
-                self.timings[job.id]["prefill"] = (t0, t1)
+                self.pending[job.id].timings["prefill"] = (t0, t1)
         for job in self.scheduler.postprocess(batch, logits):
-            timings = {**self.timings.pop(job.id), "finish": t1}
-            asked = self.requests.pop(job.id, None)
+            asked = self.pending.pop(job.id)
+            timings = {**asked.timings, "finish": t1}
             try:
-                result = None if asked is None else self.answer(asked[0], job.search, asked[1])
+                result = None if asked.request is None else self.answer(asked.request, job.search, asked.size)
             except Exception as e:  # a bug in parsing one answer fails that request, not the batch
                 log.exception("answer failed")
                 out.append(Finished(job.id, error=e, search=job.search))
@@ -209,8 +215,7 @@ class EngineCore:
         return out
 
     def abort(self, id: int, reason: str = "cancelled") -> bool:
-        self.requests.pop(id, None)
-        self.timings.pop(id, None)
+        self.pending.pop(id, None)
         return self.scheduler.abort(id, reason) is not None
 
     def next_wakeup(self, now: float) -> float | None:
@@ -223,8 +228,7 @@ class EngineCore:
         """Forget every request and the running state."""
         self.scheduler.reset()
         self.runner.reset()
-        self.requests.clear()
-        self.timings.clear()
+        self.pending.clear()
 
     # --- results out ----------------------------------------------------------------------------------
     def answer(self, request: Request, search, size: tuple[int, int]) -> Result:

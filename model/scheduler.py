@@ -216,12 +216,13 @@ class Scheduler:
             self.stats.queue_waits.append(now - job.arrival)
         self.stats.prefill_sizes.append(len(take))
         base = self.rows if self.running else 0
-        images: dict[int, int] = {}  # id of a job's pixel array -> its index in this prefill's images
+        index, images = {}, []  # id of a job's pixel array -> its place in this prefill's images
         for job in take:
-            images.setdefault(id(job.pixels), len(images))
-        distinct = {i: job.pixels for job in take for i in [images[id(job.pixels)]]}
-        queries = [dataclasses.replace(j.search.query, image=images[id(j.pixels)]) for j in take]
-        return Prefill(take, np.stack([distinct[i] for i in range(len(distinct))]), queries, base)
+            if id(job.pixels) not in index:
+                index[id(job.pixels)] = len(images)
+                images.append(job.pixels)
+        queries = [dataclasses.replace(j.search.query, image=index[id(j.pixels)]) for j in take]
+        return Prefill(take, np.stack(images), queries, base)
 
     def next_wakeup(self, now: float) -> float | None:
         """Seconds until the scheduler has something to do without new input (None: nothing pending)."""

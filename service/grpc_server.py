@@ -123,41 +123,39 @@ class LoccaServicer(pb_grpc.LocCaServicer):
         rid = logs.new_request_id(metadata.get("x-request-id"))
         token = logs.request_id.set(rid)
         status, t0, held = "OK", time.perf_counter(), 0
-        span = tracing.server_span(f"locca.v1.LocCa/{method}", metadata)
-        _, traceparent = span.__enter__()
-        try:
-            await context.send_initial_metadata((("x-request-id", rid),
-                                                 *((("traceparent", traceparent),) if traceparent else ())))
-            if isinstance(request, Malformed):
-                raise InvalidRequest(f"the request is not a valid {request.message}: {request.reason}")
-            size = request.ByteSize()  # held until answered, under the budget REST bodies share
-            if not self.engine.buffers.take(size):
-                raise QueueFull("the server is receiving too much at once; retry later",
-                                retry_after=self.engine.settings.retry_after_s)
-            held = size
-            return await work(context.time_remaining())
-        except ServiceError as e:
-            status = e.grpc_code.name
-            if e.retry_after:
-                context.set_trailing_metadata((("retry-after", str(e.retry_after)),
-                                               ("grpc-retry-pushback-ms", str(round(1000 * e.retry_after)))))
-            await context.abort(e.grpc_code, e.message)
-        except asyncio.CancelledError:
-            status = "CANCELLED"  # client cancelled, or its deadline passed: the job was aborted
-            raise
-        except Exception:  # a bug: logged, and answered INTERNAL with no details rather than grpc's UNKNOWN
-            status = "INTERNAL"
-            log.exception("request failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        finally:
-            self.engine.buffers.give(held)
-            seconds = time.perf_counter() - t0
-            endpoint = f"grpc:{method}"
-            metrics.REQUESTS.labels(endpoint, status).inc()
-            metrics.REQUEST_DURATION.labels(endpoint, status).observe(seconds)
-            log.info("request", extra={"method": method, "status": status, "seconds": round(seconds, 4)})
-            logs.request_id.reset(token)
-            span.__exit__(None, None, None)
+        with tracing.server_span(f"locca.v1.LocCa/{method}", metadata) as (_, traceparent):
+            try:
+                await context.send_initial_metadata((("x-request-id", rid),
+                                                     *((("traceparent", traceparent),) if traceparent else ())))
+                if isinstance(request, Malformed):
+                    raise InvalidRequest(f"the request is not a valid {request.message}: {request.reason}")
+                size = request.ByteSize()  # held until answered, under the budget REST bodies share
+                if not self.engine.buffers.take(size):
+                    raise QueueFull("the server is receiving too much at once; retry later",
+                                    retry_after=self.engine.settings.retry_after_s)
+                held = size
+                return await work(context.time_remaining())
+            except ServiceError as e:
+                status = e.grpc_code.name
+                if e.retry_after:
+                    context.set_trailing_metadata((("retry-after", str(e.retry_after)),
+                                                   ("grpc-retry-pushback-ms", str(round(1000 * e.retry_after)))))
+                await context.abort(e.grpc_code, e.message)
+            except asyncio.CancelledError:
+                status = "CANCELLED"  # client cancelled, or its deadline passed: the job was aborted
+                raise
+            except Exception:  # a bug: logged, and answered INTERNAL with no details rather than grpc's UNKNOWN
+                status = "INTERNAL"
+                log.exception("request failed")
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                self.engine.buffers.give(held)
+                seconds = time.perf_counter() - t0
+                endpoint = f"grpc:{method}"
+                metrics.REQUESTS.labels(endpoint, status).inc()
+                metrics.REQUEST_DURATION.labels(endpoint, status).observe(seconds)
+                log.info("request", extra={"method": method, "status": status, "seconds": round(seconds, 4)})
+                logs.request_id.reset(token)
 
 
 class GrpcServer:

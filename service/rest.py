@@ -68,36 +68,35 @@ class RequestContext:
         rid = logs.new_request_id(headers.get("x-request-id", ""))
         token = logs.request_id.set(rid)
         status, t0 = 499, time.perf_counter()  # 499: the client went away before an answer was sent
-        span = tracing.server_span(f"{scope['method']} {scope['path']}", headers)
-        request_span, traceparent = span.__enter__()
+        span_name = f"{scope['method']} {scope['path']}"
+        with tracing.server_span(span_name, headers) as (request_span, traceparent):
 
-        async def send_with_id(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
-                if traceparent:
-                    message["headers"].append((b"traceparent", traceparent.encode()))
-                if self.engine is not None and self.engine.draining:
-                    message["headers"].append((b"connection", b"close"))
-            await send(message)
+            async def send_with_id(message):
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                    if traceparent:
+                        message["headers"].append((b"traceparent", traceparent.encode()))
+                    if self.engine is not None and self.engine.draining:
+                        message["headers"].append((b"connection", b"close"))
+                await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        except Exception:
-            status = 500 if status == 499 else status  # unhandled: Starlette's outermost layer answers 500
-            raise
-        finally:
-            path = scope["path"]
-            endpoint = path if path in ENDPOINTS else "other"
-            seconds = time.perf_counter() - t0
-            metrics.REQUESTS.labels(endpoint, str(status)).inc()
-            metrics.REQUEST_DURATION.labels(endpoint, str(status)).observe(seconds)
-            log.log(logging.DEBUG if path in QUIET else logging.INFO, "request", extra={
-                "method": scope["method"], "path": path, "status": status, "seconds": round(seconds, 4)})
-            logs.request_id.reset(token)
-            request_span.set_attribute("http.response.status_code", status)
-            span.__exit__(None, None, None)
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception:
+                status = 500 if status == 499 else status  # unhandled: Starlette's outermost layer answers 500
+                raise
+            finally:
+                path = scope["path"]
+                endpoint = path if path in ENDPOINTS else "other"
+                seconds = time.perf_counter() - t0
+                metrics.REQUESTS.labels(endpoint, str(status)).inc()
+                metrics.REQUEST_DURATION.labels(endpoint, str(status)).observe(seconds)
+                log.log(logging.DEBUG if path in QUIET else logging.INFO, "request", extra={
+                    "method": scope["method"], "path": path, "status": status, "seconds": round(seconds, 4)})
+                logs.request_id.reset(token)
+                request_span.set_attribute("http.response.status_code", status)
 
 
 async def until_disconnect(request: Request, work):

@@ -6,15 +6,16 @@ import sys
 import zipfile
 from pathlib import Path
 
+from locca.cli import TRAIN_EXTRA
+
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_EXTRA = ("torch", "matplotlib", "pycocoevalcap", "onnx", "onnxscript")
 
 # Run a snippet with the train extra's packages made unimportable, as in an install without it.
 WITHOUT_TRAIN = f"""
 import importlib.abc, sys
 class NotInstalled(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in {TRAIN_EXTRA!r}:
+        if name.split(".")[0] in {sorted(TRAIN_EXTRA)!r}:
             raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
 sys.meta_path.insert(0, NotInstalled())
 """
