@@ -23,9 +23,11 @@ setup: $(STAMP)  ## create .venv from the lock file and install the package in i
 # a local wheel directory (PIP_FIND_LINKS: the CPU torch here) is offered to uv as pip would use it
 UV_COMPILE = $(BIN)/uv pip compile pyproject.toml --quiet --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
+# dev.lock: make setup; serve.lock: the CPU image's runtime (no torch); export-cpu.lock: the image's export stage
 lock: $(STAMP)  ## resolve pyproject.toml's pins again into requirements/*.lock (uv): after changing a pin
 	$(UV_COMPILE) --extra dev --extra train -o requirements/dev.lock
-	$(UV_COMPILE) --extra train -o requirements/image-cpu.lock
+	$(UV_COMPILE) -o requirements/serve.lock
+	$(UV_COMPILE) --extra train -o requirements/export-cpu.lock
 
 test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest -q
