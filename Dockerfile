@@ -1,7 +1,8 @@
 # LocCa Serve images: `locca serve` with the default model (models/locca-tiny-shapes) exported to ONNX at
 # build time, so a container is ready seconds after it starts. Two targets:
 #
-#   cpu (default)  PYTHON_BASE (python:3.11-slim), CPU torch, onnxruntime
+#   cpu (default)  PYTHON_BASE (python:3.11-slim), onnxruntime, no torch: the serving install only
+#                  (requirements/serve.lock); CPU torch is in the export stage alone, which writes the bundle
 #   gpu            CUDA_BASE (CUDA runtime + cuDNN), CUDA torch, onnxruntime-gpu, TensorRT (TENSORRT, from
 #                  NVIDIA's index), the interpreter copied from PYTHON_BASE
 #
@@ -28,36 +29,57 @@ ENV PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH
 WORKDIR /opt/locca
 
-# ---- deps-cpu: the pinned dependencies of pyproject.toml, a layer of their own (source changes keep it) ----
+# ---- deps-cpu: the serving dependencies, a layer of their own (source changes keep it) --------------------
 FROM python AS deps-cpu
+ARG PIP_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
+COPY requirements/serve.lock ./
+# pyproject.toml's [project] dependencies resolved (`make lock`), without the train extra: serving an ONNX
+# bundle needs no torch, matplotlib, onnx or CIDEr (issue 20), and torch alone is most of the old image.
+RUN python -m venv /opt/venv \
+ && pip install --quiet pip==26.3 \
+ && pip install --quiet -r serve.lock \
+ && python -c "import importlib.util as u; assert u.find_spec('torch') is None, 'torch in the serving venv'" \
+ && rm serve.lock
+
+# ---- export-cpu: CPU torch and the exporter, only to write the default model's ONNX bundle ---------------
+# Nothing of this stage but models/locca-tiny-shapes/onnx/ reaches the image.
+FROM python AS export-cpu
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG PIP_FIND_LINKS
 ARG PIP_CERT
-COPY requirements/image-cpu.lock ./
-# Every dependency from the lock file (`make lock`): pyproject.toml's pins and the train extra (the build
-# exports the ONNX bundle), resolved. torch==2.13.0+cpu comes from the CPU index or the wheel directory, so
-# PyPI's CUDA build (GBs of nvidia-* wheels) is never chosen.
+ARG EXPORT_ARGS=""
+COPY requirements/export-cpu.lock ./
+# The serving pins and the train extra, resolved. torch==2.13.0+cpu comes from the CPU index or the wheel
+# directory, so PyPI's CUDA build (GBs of nvidia-* wheels) is never chosen.
 RUN python -m venv /opt/venv \
  && pip install --quiet pip==26.3 \
- && pip install --quiet -r image-cpu.lock \
- && python -c "import torch; assert not torch.version.cuda, 'the CPU image got a CUDA torch: ' + torch.__version__" \
- && rm image-cpu.lock
+ && pip install --quiet -r export-cpu.lock \
+ && python -c "import torch; assert not torch.version.cuda, 'the export stage got a CUDA torch: ' + torch.__version__" \
+ && rm export-cpu.lock
+# Only what `locca export` imports (the model and export layers import no serving code, tests/test_layers.py),
+# so a change to the server reuses the bundle. Run from the source tree: this stage needs no install.
+COPY locca/ locca/
+COPY model/ model/
+COPY export/ export/
+COPY models/locca-tiny-shapes/checkpoint.safetensors models/locca-tiny-shapes/
+# hadolint ignore=SC2086
+RUN python -m locca.cli export models/locca-tiny-shapes/checkpoint.safetensors models/locca-tiny-shapes/onnx $EXPORT_ARGS
 
-# ---- build-cpu: the source, the gRPC stubs and the ONNX bundle of the default model ----------------------
+# ---- build-cpu: the source, the gRPC stubs and the exported bundle, over the serving venv -----------------
 FROM deps-cpu AS build-cpu
 ARG PIP_INDEX_URL
 ARG PIP_CERT
-ARG EXPORT_ARGS=""
 COPY . .
+COPY --from=export-cpu /opt/locca/models/locca-tiny-shapes/onnx models/locca-tiny-shapes/onnx
 # Editable: the code stays in /opt/locca; building it generates the gRPC stubs into locca_grpc/ (setup.py).
 # Everything the server would otherwise write at its first start is made here, so the root file system can
 # be read-only: the stubs (locca_grpc/), the ONNX bundle (models/locca-tiny-shapes/onnx/) and bytecode.
 # All readable by the runtime user, who owns none of it (protos.generate's directory comes out 0700).
-# hadolint ignore=SC2086
 RUN pip install --quiet --no-deps -e . \
  && python -c "from service import protos; print('gRPC stubs:', protos.load()[0].__file__)" \
- && locca export models/locca-tiny-shapes/checkpoint.safetensors models/locca-tiny-shapes/onnx $EXPORT_ARGS \
  && python -m compileall -q /opt/locca \
  && chmod -R a+rX /opt/locca
 

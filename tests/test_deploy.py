@@ -88,8 +88,24 @@ def test_dockerfile_targets():
         assert "pip install" not in text, f"{name}: only the runtime, copied from the build stage"
         assert "COPY --from=build-" in text and "/opt/locca" in text
         assert "LOCCA_MODEL=/opt/locca/models/locca-tiny-shapes" in text
-    build = "\n".join(next(b for _, n, b in stages if n == "build-cpu"))
+    build = "\n".join(next(b for _, n, b in stages if n == "build-gpu"))
     assert "locca export models/locca-tiny-shapes/checkpoint.safetensors models/locca-tiny-shapes/onnx" in build
+
+
+def test_the_cpu_image_has_no_torch():
+    """Issue 20: the CPU image's venv is the serving install (requirements/serve.lock); torch is installed in
+    the export stage only, and nothing of that stage but the ONNX bundle reaches the image."""
+    stages = {name: (base, "\n".join(body)) for base, name, body in _stages()}
+    assert "pip install --quiet -r serve.lock" in stages["deps-cpu"][1]
+    export_base, export = stages["export-cpu"]
+    assert export_base == "python" and "pip install --quiet -r export-cpu.lock" in export
+    assert ("locca.cli export models/locca-tiny-shapes/checkpoint.safetensors models/locca-tiny-shapes/onnx"
+            in export)
+    build_base, build = stages["build-cpu"]
+    assert build_base == "deps-cpu", "the image's venv is the serving one"
+    copied = re.findall(r"COPY --from=(\S+) (\S+)", build)
+    assert copied == [("export-cpu", "/opt/locca/models/locca-tiny-shapes/onnx")], copied
+    assert set(re.findall(r"COPY --from=(\S+)", stages["cpu"][1])) == {"build-cpu"}
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:
@@ -102,7 +118,8 @@ def test_dockerignore_keeps_what_the_image_needs():
     patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
                 if ln.strip() and not ln.startswith("#")]
     assert not any(p.startswith("!") for p in patterns), "this check does not handle exceptions"
-    for kept in ["pyproject.toml", "setup.py", "requirements/image-cpu.lock", "locca_grpc/__init__.py", "README.md",
+    for kept in ["pyproject.toml", "setup.py", "requirements/serve.lock", "requirements/export-cpu.lock",
+                 "locca_grpc/__init__.py", "README.md",
                  "deploy/requirements.py", "deploy/healthcheck.py",
                  "proto/locca/v1/locca.proto", "service/app.py", "export/onnx_export.py", "model/model.py",
                  "locca/cli.py", "models/locca-tiny-shapes/checkpoint.safetensors"]:

@@ -85,8 +85,18 @@ def test_the_lock_files_hold_pyprojects_pins():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    for lock, groups in (("dev.lock", ["dev", "train"]), ("image-cpu.lock", ["train"])):
+    for lock, groups in (("dev.lock", ["dev", "train"]), ("serve.lock", []), ("export-cpu.lock", ["train"])):
         locked = _pins((ROOT / "requirements" / lock).read_text().splitlines())
         wanted = _pins(project["dependencies"] + [r for g in groups for r in extras[g]])
         assert {k: locked.get(k) for k in wanted} == wanted, f"requirements/{lock} is stale: run make lock"
     assert "torch" not in _pins(project["dependencies"]), "the serving install has no torch"
+
+
+def test_the_serving_lock_has_nothing_of_the_train_extra():
+    """The CPU image installs requirements/serve.lock (issue 20: an image without torch), and the ONNX bundle it
+    serves is exported in a stage with requirements/export-cpu.lock: the two agree on every package they share."""
+    serve = _pins((ROOT / "requirements" / "serve.lock").read_text().splitlines())
+    export = _pins((ROOT / "requirements" / "export-cpu.lock").read_text().splitlines())
+    assert not TRAIN_EXTRA & serve.keys(), sorted(TRAIN_EXTRA & serve.keys())
+    assert TRAIN_EXTRA <= export.keys()
+    assert {k: export.get(k) for k in serve} == serve, "serve.lock and export-cpu.lock differ: run make lock"
