@@ -76,6 +76,16 @@ class OrtCross:
     k: list  # L x (B, H, N, Dh): numpy on CPU, OrtValue on a GPU
     v: list
 
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(x) for x in self.k + self.v)
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, np.ndarray):
+        return x.nbytes
+    return int(np.prod(x.shape())) * (2 if "float16" in x.data_type() else 4)
+
 
 @dataclass
 class OrtState:
@@ -229,6 +239,28 @@ class OnnxInference:
             new = OrtState.of(self.mem.take(state.tensors(), idx))
         state.cache_k, state.cache_v, state.cross_k, state.cross_v = new.cache_k, new.cache_v, new.cross_k, new.cross_v
         state.rows_buffer = new.rows_buffer
+
+    def split(self, cross: OrtCross) -> list[OrtCross]:
+        """One OrtCross per image, each in memory of its own (a cache entry must not hold its whole batch)."""
+        L, xs = self.cfg.dec_depth, cross.k + cross.v
+        B = xs[0].shape[0] if isinstance(xs[0], np.ndarray) else xs[0].shape()[0]
+        out = []
+        for i in range(B):
+            one = self.mem.take(xs, np.array([i], dtype=np.int64))  # fancy indexing / Gather: a copy
+            out.append(OrtCross(one[:L], one[L:]))
+        return out
+
+    def join(self, crosses: list[OrtCross]) -> OrtCross:
+        if len(crosses) == 1:
+            return crosses[0]  # `start` copies the rows it takes
+        L = self.cfg.dec_depth
+        if isinstance(self.mem, _Host):
+            xs = [np.concatenate(parts) for parts in zip(*(c.k + c.v for c in crosses), strict=True)]
+        else:
+            xs = crosses[0].k + crosses[0].v
+            for c in crosses[1:]:
+                xs = self.mem.cat(xs, c.k + c.v)
+        return OrtCross(xs[:L], xs[L:])
 
     def merge(self, a: OrtState, b: OrtState) -> OrtState:
         """a's rows then b's. On CPU the result takes over a's arrays (a must not be used again): b's rows are

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .decoding import BeamSearch, DecodingOptions, Grammar, Query, budget_for
+from .encoder_cache import EncoderCache, image_key
 from .phrases import GroundedCaption, link, name_twins, object_phrases
 from .regions import RegionOptions, RegionSearch, public
 from .requests import Phrase, Region, Request, RequestError, Result, validate
@@ -59,17 +60,17 @@ class Pending:
 
 class Runner:
     """Executes a scheduler batch through the inference interface (model/interface.py) and keeps the running
-    KV-cache state. It decides nothing: the scheduler chose the rows."""
+    KV-cache state and the encoded-image cache. It decides nothing: the scheduler chose the rows."""
 
-    def __init__(self, inference, pad_id: int):
-        self.inference, self.pad_id = inference, pad_id
+    def __init__(self, inference, pad_id: int, cache: EncoderCache | None = None):
+        self.inference, self.pad_id, self.cache = inference, pad_id, cache
         self.state = None
 
     def __call__(self, batch: Prefill | Decode) -> np.ndarray:
         """float32 logits: (B, V) after each prompt for a Prefill, (R, V) for a Decode."""
         inf = self.inference
         if isinstance(batch, Prefill):
-            new, last = self.prefill(inf.encode(batch.pixels), batch.queries)
+            new, last = self.prefill(self.encode(batch), batch.queries)
             if not batch.base and self.state is not None:
                 # nothing runs: keep none of the old state's rows but its arrays, whose spare rows the new rows
                 # join (on CPU a state grows by new arrays; a region search's rows would make them anew for
@@ -79,6 +80,22 @@ class Runner:
             return last
         inf.select(self.state, batch.src)
         return inf.step(self.state, batch.tokens, batch.positions)[:, 0]
+
+    def encode(self, batch: Prefill):
+        """The prefill's images encoded: the cache's entries where it has them, the encoder for the others
+        (kept in the cache for the next questions on them)."""
+        inf, cache = self.inference, self.cache
+        if cache is None:
+            return inf.encode(batch.pixels)
+        found = [cache.get(k) for k in batch.keys]
+        missing = [i for i, c in enumerate(found) if c is None]
+        if not missing:
+            return inf.join(found)
+        fresh = inf.encode(batch.pixels[missing] if len(missing) < len(found) else batch.pixels)
+        for i, cross in zip(missing, inf.split(fresh), strict=True):
+            cache.put(batch.keys[i], cross)
+            found[i] = cross
+        return fresh if len(missing) == len(found) else inf.join(found)
 
     def prefill(self, cross, queries: list[Query]):
         """One row per query, every prompt in one call, right-padded. Pad tokens write cache slots past their
@@ -99,12 +116,15 @@ class Runner:
 
 class EngineCore:
     def __init__(self, inference, tasks: Tasks, config: SchedulerConfig = SchedulerConfig(),
-                 options: DecodingOptions = DecodingOptions(), region_options: RegionOptions = RegionOptions()):
+                 options: DecodingOptions = DecodingOptions(), region_options: RegionOptions = RegionOptions(),
+                 cache_bytes: int = 0):
         """options: the search of captions, refers and descriptions; region_options: that of ground (every
-        object of the image, model/regions.py)."""
+        object of the image, model/regions.py); cache_bytes: the bound of the encoded-image cache
+        (model/encoder_cache.py), 0 for none."""
         self.inference, self.tasks, self.options, self.region_options = inference, tasks, options, region_options
         self.scheduler = Scheduler(config)
-        self.runner = Runner(inference, tasks.tok.pad_id)
+        self.cache = EncoderCache(cache_bytes) if cache_bytes else None
+        self.runner = Runner(inference, tasks.tok.pad_id, self.cache)
         self.grammar = Grammar(tasks.tok)
         self.image_size, self.max_seq_len = inference.cfg.image_size, inference.cfg.max_seq_len
         self.pending: dict[int, Pending] = {}  # every queued id: its request (None for a bare search), phases
@@ -112,22 +132,25 @@ class EngineCore:
 
     # --- requests in ----------------------------------------------------------------------------------
     def add(self, request: Request, pixels: np.ndarray, size: tuple[int, int], id: int | None = None,
-            now: float = 0.0, deadline: float = float("inf")) -> int:
+            now: float = 0.0, deadline: float = float("inf"), key: bytes | None = None) -> int:
         """Queue a request on an image: pixels (3, S, S) float32, the model's input (model/image.py preprocess),
-        size (width, height) as given. Requests passing the same pixel array share its encoder row. Raises
+        size (width, height) as given; key: the pixels' `image_key`, if the caller has it already. Requests on
+        the same image (the same key, or without a cache the same array) share its encoder row. Raises
         RequestError (nothing is queued) when the request cannot be answered as asked."""
         request = validate(request, size)
-        id = self.submit(self.search(request, size), pixels, id, now, deadline)
+        id = self.submit(self.search(request, size), pixels, id, now, deadline, key)
         self.pending[id].request, self.pending[id].size = request, size
         return id
 
     def submit(self, search, pixels: np.ndarray, id: int | None = None, now: float = 0.0,
-               deadline: float = float("inf")) -> int:
+               deadline: float = float("inf"), key: bytes | None = None) -> int:
         """Queue a search of one's own (a BeamSearch of any Query): it finishes with `result` None, read its
         `search`. `add` is this with the search a Request asks for."""
         id = next(self._ids) if id is None else id
+        if key is None and self.cache is not None:
+            key = image_key(pixels)
         try:
-            self.scheduler.add(Job(id, pixels, search, now, deadline))
+            self.scheduler.add(Job(id, pixels, search, now, deadline, key=key))
         except ValueError as e:  # wider than the rows the scheduler may hold
             raise RequestError(str(e)) from None
         self.pending[id] = Pending({"arrival": time.monotonic()})
@@ -224,8 +247,12 @@ class EngineCore:
     def take_stats(self):
         return self.scheduler.take_stats()
 
+    def take_cache_stats(self):
+        """The encoded-image cache's counts since the last call (model/encoder_cache.py CacheStats), or None."""
+        return None if self.cache is None else self.cache.take_stats()
+
     def reset(self) -> None:
-        """Forget every request and the running state."""
+        """Forget every request and the running state (the encoded images stay: they do not depend on them)."""
         self.scheduler.reset()
         self.runner.reset()
         self.pending.clear()

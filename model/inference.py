@@ -17,6 +17,10 @@ class TorchCross:
     k: torch.Tensor  # (L, B, H, N, Dh)
     v: torch.Tensor
 
+    @property
+    def nbytes(self) -> int:
+        return sum(x.numel() * x.element_size() for x in (self.k, self.v))
+
 
 @dataclass
 class TorchState:
@@ -62,6 +66,16 @@ class TorchInference:
         idx = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.device)
         for name in ("cache_k", "cache_v", "cross_k", "cross_v"):
             setattr(state, name, getattr(state, name).index_select(1, idx))
+
+    @torch.inference_mode()
+    def split(self, cross: TorchCross) -> list[TorchCross]:
+        return [TorchCross(cross.k[:, i:i + 1].clone(), cross.v[:, i:i + 1].clone()) for i in range(cross.k.shape[1])]
+
+    @torch.inference_mode()
+    def join(self, crosses: list[TorchCross]) -> TorchCross:
+        if len(crosses) == 1:
+            return crosses[0]  # `start` copies the rows it takes
+        return TorchCross(torch.cat([c.k for c in crosses], dim=1), torch.cat([c.v for c in crosses], dim=1))
 
     @torch.inference_mode()
     def merge(self, a: TorchState, b: TorchState) -> TorchState:

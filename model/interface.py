@@ -1,4 +1,4 @@
-"""The inference interface: the five calls through which decoding and the server run a model, whichever
+"""The inference interface: the seven calls through which decoding and the server run a model, whichever
 backend runs it (PyTorch: model/inference.py; ONNX Runtime and TensorRT: export/onnx_backend.py).
 
     encode(pixels)                     (B, 3, S, S) float32 numpy -> Cross (per-image cross-attention K/V)
@@ -9,6 +9,11 @@ backend runs it (PyTorch: model/inference.py; ONNX Runtime and TensorRT: export/
     select(state, rows)                keep / reorder / repeat rows (beam search, finished sequences)
     merge(a, b)                        a state holding a's rows then b's (continuous batching: new requests
                                        join a running batch); both have the same number of cache slots
+    split(cross)                       one Cross per image of `cross`, each owning its memory (the encoded-
+                                       image cache, model/encoder_cache.py, keeps one without its batch)
+    join(crosses)                      one Cross of the images of `crosses`, in order
+
+A Cross has `nbytes`, the memory its keys and values hold (the cache's bound counts it).
 
 Tokens and logits cross the interface as numpy arrays; caches stay in the backend's own memory (a CUDA
 tensor on a GPU) and are only ever touched by the backend, so Cross and DecodeState are opaque here.
@@ -26,7 +31,7 @@ import numpy as np
 
 from .config import ModelConfig
 
-Cross = Any        # the backend's per-image cross-attention keys/values, as `encode` returns them
+Cross = Any        # the backend's per-image cross-attention keys/values, as `encode` returns them; `.nbytes`
 DecodeState = Any  # the backend's rows: self-attention caches and each row's cross K/V
 
 
@@ -44,3 +49,7 @@ class Inference(Protocol):
     def select(self, state: DecodeState, rows: np.ndarray) -> None: ...
 
     def merge(self, a: DecodeState, b: DecodeState) -> DecodeState: ...
+
+    def split(self, cross: Cross) -> list[Cross]: ...
+
+    def join(self, crosses: list[Cross]) -> Cross: ...

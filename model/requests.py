@@ -24,6 +24,7 @@ PAPER_TASKS = {"caption": "Cap", "refer": "ARef", "describe": "GCap", "ground": 
 TASKS = tuple(PAPER_TASKS)
 API_CALLS = ("caption", "refer", "ground")  # /v1/<call> and the gRPC methods: ground is describe when given a box
 MAX_REGIONS = 32  # the most regions a ground answer may hold, and the default: more than a scene holds
+MAX_QUESTIONS = 64  # the most questions (expressions to refer, boxes to describe) one call may ask of its image
 
 
 class RequestError(ValueError):
@@ -39,12 +40,22 @@ class RequestError(ValueError):
         return type(self), (self.message, self.field)
 
 
+def of_item(e: RequestError, index: int) -> RequestError:
+    """`e`, raised by the question at `index` of a call that asks several, naming it: `expressions[2]: the
+    expression is empty`."""
+    name = f"{_LISTS.get(e.field, e.field or 'questions')}[{index}]"
+    return type(e)(f"{name}: {e.message}", name)
+
+
 class BadBox(RequestError):
     code = "bad_box"
 
 
 class BadExpression(RequestError):
     code = "bad_expression"
+
+
+_LISTS = {"expression": "expressions", "box": "boxes"}  # a field of one question -> the call's list of them
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,10 @@
 It never touches the model, so it is unit-tested without one.
 
 Two kinds of batch:
-    Prefill  waiting jobs, up to `max_batch`: encode their images (once each: jobs that share one image array
-             share its encoder row), start one KV-cache row per job, run the prompts, append the rows to the
-             running state. While rows are decoding, a long job waits up to `max_wait` seconds for others to
+    Prefill  waiting jobs on up to `max_batch` images: encode their images (once each: jobs whose images have
+             the same key, the questions of one call or of several on one picture, share its encoder row, and
+             count once towards `max_batch`), start one KV-cache row per job, run the prompts, append the rows to
+             the running state. While rows are decoding, a long job waits up to `max_wait` seconds for others to
              share its encoder call and prompt step (their decode steps go on meanwhile); an idle core, or a
              short job, goes at once.
     Decode   one token for every beam of every running job (continuous, iteration-level batching over
@@ -34,7 +35,7 @@ from .decoding import BeamSearch, Query, next_rows
 @dataclass(frozen=True)
 class SchedulerConfig:
     """The batching policy, one object from the server's settings (service/settings.py) to the core."""
-    max_batch: int = 16           # most jobs prefilled (and images encoded) together
+    max_batch: int = 16           # most images encoded (and their jobs prefilled) together
     max_wait: float = 0.010       # seconds a long job arriving while others decode may wait for company in its
                                   # prefill (an idle core, and short jobs, never wait): measured with wrk, 64
                                   # connections, 1.21x the captions/s of 0 at the same latency at 1 (issue 19)
@@ -59,6 +60,12 @@ class Job:
     arrival: float                # seconds (monotonic clock), when `add` was called
     deadline: float = float("inf")
     most_tokens: int = 0          # the most tokens it can generate, as `add` found it (its search's bound)
+    key: object = None            # equal for equal images (model/encoder_cache.py image_key); None: the array's
+                                  # identity
+
+    def __post_init__(self):
+        if self.key is None:
+            self.key = ("array", id(self.pixels))  # the job holds the array: no other can take its id meanwhile
 
     @property
     def width(self) -> int:
@@ -69,6 +76,7 @@ class Job:
 class Prefill:
     jobs: list[Job]
     pixels: np.ndarray            # (I, 3, S, S), the jobs' distinct images
+    keys: list                    # (I,) their keys
     queries: list[Query]          # one per job, `image` indexing `pixels`
     base: int                     # rows of the running state kept before the new ones; 0: start a new state
 
@@ -197,14 +205,16 @@ class Scheduler:
     def _prefill(self, now: float) -> Prefill | None:
         free = self.max_rows - sum(j.width for j in self.running)
         take: list[Job] = []
+        index: dict = {}  # a taken image's key -> its place in this prefill's images
         for job in self._candidates(now):
-            if len(take) == self.max_batch or job.width > free:
+            if (job.key not in index and len(index) == self.max_batch) or job.width > free:
                 break
             take.append(job)
+            index.setdefault(job.key, len(index))
             free -= job.width
         if not take:
             return None
-        full = len(take) == self.max_batch or len(take) < len(self.waiting)  # waiting longer gains nothing
+        full = len(index) == self.max_batch or len(take) < len(self.waiting)  # waiting longer gains nothing
         # Company is worth waiting for only while rows are decoding (their steps go on meanwhile) and for long
         # jobs: an idle core, or a short job, goes at once.
         now_please = not self.running or any(self.short(j) for j in take)
@@ -214,15 +224,13 @@ class Scheduler:
         self.waiting = [j for j in self.waiting if j.id not in taken]
         for job in take:
             self.stats.queue_waits.append(now - job.arrival)
-        self.stats.prefill_sizes.append(len(take))
+        self.stats.prefill_sizes.append(len(index))
         base = self.rows if self.running else 0
-        index, images = {}, []  # id of a job's pixel array -> its place in this prefill's images
+        first = {}  # each image's first job: its pixels
         for job in take:
-            if id(job.pixels) not in index:
-                index[id(job.pixels)] = len(images)
-                images.append(job.pixels)
-        queries = [dataclasses.replace(j.search.query, image=index[id(j.pixels)]) for j in take]
-        return Prefill(take, np.stack(images), queries, base)
+            first.setdefault(job.key, job)
+        queries = [dataclasses.replace(j.search.query, image=index[j.key]) for j in take]
+        return Prefill(take, np.stack([j.pixels for j in first.values()]), list(first), queries, base)
 
     def next_wakeup(self, now: float) -> float | None:
         """Seconds until the scheduler has something to do without new input (None: nothing pending)."""

@@ -16,7 +16,8 @@ REQUESTS = Counter("locca_requests_total", "Requests answered, by endpoint and s
                    ["endpoint", "status"])
 REQUEST_DURATION = Histogram("locca_request_duration_seconds", "Time to answer a request, by endpoint and status",
                              ["endpoint", "status"], buckets=LATENCY_BUCKETS)
-IN_FLIGHT = Gauge("locca_requests_in_flight", "Requests admitted and not yet answered")
+IN_FLIGHT = Gauge("locca_requests_in_flight", "Requests admitted and not yet answered (a call that asks several "
+                  "questions of its image counts each)")
 QUEUE_DEPTH = Gauge("locca_queue_depth", "Requests waiting in the workers' schedulers for their prefill")
 QUEUE_WAIT = Histogram("locca_queue_wait_seconds", "Time from arrival at a worker to the request's prefill",
                        buckets=LATENCY_BUCKETS)
@@ -36,11 +37,18 @@ REQUESTS_RETRIED = Counter("locca_requests_retried_total", "Requests queued agai
 WORKER_STALLS = Counter("locca_worker_stalls_total", "Model workers killed (then restarted) for holding requests "
                         "without a sign of progress for worker_stall_timeout_s")
 WORKERS_READY = Gauge("locca_workers_ready", "Model workers loaded, warmed up and serving")
+ENCODER_CACHE_LOOKUPS = Counter("locca_encoder_cache_lookups_total", "Images a prefill looked up in the "
+                                "encoded-image cache, by result (hit: the encoder skipped)", ["result"])
+ENCODER_CACHE_EVICTIONS = Counter("locca_encoder_cache_evictions_total", "Encoded images dropped from the cache "
+                                  "to keep it within encoder_cache_mb")
+ENCODER_CACHE_BYTES = Gauge("locca_encoder_cache_bytes", "Bytes the encoded-image caches hold, all workers")
+ENCODER_CACHE_ENTRIES = Gauge("locca_encoder_cache_entries", "Encoded images the caches hold, all workers")
 IMAGE_SECONDS = Histogram("locca_image_decode_seconds", "Time to decode and preprocess a request image",
                           buckets=LATENCY_BUCKETS)
 
 
-def record_worker_stats(stats: dict, queue_depths: dict[int, int], worker: int) -> None:
+def record_worker_stats(stats: dict, queue_depths: dict[int, int], caches: dict[int, dict], worker: int) -> None:
+    """queue_depths, caches: each worker's last queue depth and encoded-image cache figures, summed here."""
     for n in stats["prefill_sizes"]:
         BATCH_SIZE.labels("prefill").observe(n)
     for n in stats["decode_sizes"]:
@@ -53,6 +61,13 @@ def record_worker_stats(stats: dict, queue_depths: dict[int, int], worker: int) 
         ABORTED.labels(reason).inc(n)
     queue_depths[worker] = stats["waiting"]
     QUEUE_DEPTH.set(sum(queue_depths.values()))
+    if (cache := stats["cache"]) is not None:
+        ENCODER_CACHE_LOOKUPS.labels("hit").inc(cache["hits"])
+        ENCODER_CACHE_LOOKUPS.labels("miss").inc(cache["misses"])
+        ENCODER_CACHE_EVICTIONS.inc(cache["evictions"])
+        caches[worker] = cache
+        ENCODER_CACHE_BYTES.set(sum(c["bytes"] for c in caches.values()))
+        ENCODER_CACHE_ENTRIES.set(sum(c["entries"] for c in caches.values()))
 
 
 def render() -> tuple[bytes, str]:

@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     short_job_max_defer_ms: float = Field(_DEFAULT.max_defer * 1000, ge=0, description=(
         "the longest a longer request is held back for short ones"))
 
+    encoder_cache_mb: int = Field(256, ge=0, description=(
+        "each worker's encoded-image cache, in MiB: the encoder's output of recent images, by a hash of their "
+        "decoded pixels, so that more questions on an image (refer after refer) skip the encoder; least "
+        "recently used out first. 0 turns it off. 256 holds about 900 images of the default model (288 KiB "
+        "each); on a GPU it is device memory"))
+
     # --- admission ----------------------------------------------------------------------------------
     max_queue: int = Field(256, ge=1, description=(
         "most requests held at once (being decoded or waiting); one more is answered 429 / RESOURCE_EXHAUSTED"))

@@ -4,9 +4,12 @@ It loads the model into an engine core (model/core.py), warms it up, says "ready
 messages, `step()` the core (expire late requests, run one batch), send what finished.
 
 Messages, over two one-way pipes (pickled tuples):
-    server -> worker   ("add", id, Request, pixels, size, timeout_s)   ("abort", id)   ("stop",)
+    server -> worker   ("add", ids, Requests, pixels, size, key, timeout_s)   ("abort", ids)   ("stop",)
     worker -> server   ("ready", info)   ("result", id, Result, timings)   ("error", id, ServiceError)
                        ("stats", dict); timings: the request's phases (model/core.py), spans in the server
+An "add" carries every question a call asks of its image (one request, or the expressions of a refer call
+that lists several), with the image once: they share its encoder row. key: the pixels' image_key
+(model/encoder_cache.py), computed by the server where it decoded the image.
                        ("failed", message): the model cannot be loaded; the worker exits
 An error crosses the pipe whole (its type is its REST status and gRPC code, service/errors.py).
 """
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.core import EngineCore
-from model.requests import Request, RequestError
+from model.requests import Request, RequestError, of_item
 from model.scheduler import SchedulerConfig
 
 from .errors import from_core
@@ -41,6 +44,7 @@ class WorkerSpec:
     device: str
     threads: int
     scheduler: SchedulerConfig
+    cache_bytes: int        # the encoded-image cache's bound (model/encoder_cache.py); 0: none
     warmup: bool
     log_level: str
     log_json: bool
@@ -58,7 +62,8 @@ def main(inbox, outbox, spec: WorkerSpec) -> None:
     t0 = time.perf_counter()
     try:
         loaded = load_inference(spec.model, spec.backend, spec.device, spec.threads or None)
-        worker = Worker(EngineCore(loaded.inference, loaded.tasks, spec.scheduler), inbox, outbox, spec.parent_pid)
+        worker = Worker(EngineCore(loaded.inference, loaded.tasks, spec.scheduler, cache_bytes=spec.cache_bytes),
+                        inbox, outbox, spec.parent_pid)
         if spec.warmup:
             worker.warm_up()
     except Exception as e:  # noqa: BLE001 (a missing, corrupt or incompatible model: say so, and exit)
@@ -108,14 +113,19 @@ class Worker:
     def handle(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "add":
-            _, job_id, request, pixels, size, timeout = msg
+            _, ids, requests, pixels, size, key, timeout = msg
             now = time.monotonic()
-            try:
-                self.core.add(request, pixels, size, job_id, now, now + timeout)
-            except RequestError as e:
-                self.outbox.send(("error", job_id, from_core(e)))
+            for i, (job_id, request) in enumerate(zip(ids, requests, strict=True)):
+                try:
+                    self.core.add(request, pixels, size, job_id, now, now + timeout, key)
+                except RequestError as e:  # the call fails: its other questions are not worth answering
+                    for other in ids[:i]:
+                        self.core.abort(other, "rejected")
+                    self.outbox.send(("error", job_id, from_core(of_item(e, i) if len(ids) > 1 else e)))
+                    return
         elif kind == "abort":
-            self.core.abort(msg[1])
+            for job_id in msg[1]:
+                self.core.abort(job_id)
         elif kind == "stop":
             self.stopping = True
 
@@ -125,9 +135,10 @@ class Worker:
                              else ("error", f.id, from_core(f.error)))
 
     def stats(self) -> dict:
-        s = self.core.take_stats()
+        s, cache = self.core.take_stats(), self.core.take_cache_stats()
         return {**dataclasses.asdict(s), "waiting": len(self.core.scheduler.waiting),
-                "running": len(self.core.scheduler.running)}
+                "running": len(self.core.scheduler.running),
+                "cache": None if cache is None else dataclasses.asdict(cache)}
 
     def warm_up(self) -> None:
         """One request of each task through the whole path, so the first client pays no first-call costs."""
@@ -138,4 +149,5 @@ class Worker:
             self.core.add(request, pixels, (size, size))
         self.core.run()
         self.core.take_stats()
+        self.core.take_cache_stats()
         self.core.reset()

@@ -198,6 +198,24 @@ def test_io_binding_path_equals_numpy_path(exported):
         close(a, b, 1e-6)
 
 
+def test_split_and_join_of_encoded_images_on_both_memory_paths(exported):
+    """The encoded-image cache's two calls (model/encoder_cache.py): per-image parts that own their memory and
+    are joined back in any order, equal to the batch's images, on numpy arrays and on OrtValues (IOBinding)."""
+    _, o, d = exported
+    px = pixels(o.cfg, 3, seed=9)
+    for inference in (o, OnnxInference(d / "onnx", threads=1, io_binding=True)):
+        cross = inference.encode(px)
+        parts = inference.split(cross)
+        assert len(parts) == 3 and sum(p.nbytes for p in parts) == cross.nbytes > 0
+        joined = inference.join([parts[2], parts[0], parts[1]])
+        as_np = (lambda x: x) if inference is o else (lambda x: x.numpy())
+        for layer in range(o.cfg.dec_depth):
+            for got, want in ((joined.k, cross.k), (joined.v, cross.v)):
+                np.testing.assert_array_equal(as_np(got[layer]), as_np(want[layer])[[2, 0, 1]])
+        if inference is o:
+            assert all(x.base is None for p in parts for x in p.k + p.v)  # copies, not views of the batch
+
+
 def test_every_backend_implements_the_inference_interface(exported):
     """TorchInference and OnnxInference (the CPU graph, and the IOBinding path that CUDA and TensorRT run) have
     every call and attribute of model/interface.Inference, which they implement without inheriting it."""
