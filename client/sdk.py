@@ -113,6 +113,8 @@ def _typed(path: str, body: dict):
         return Caption(body["caption"], body["score"], None if phrases is None else [
             Phrase(p["text"], tuple(p["span"]), p["box"], p["score"]) for p in phrases])
     if path.endswith("refer"):
+        if "results" in body:
+            return [Referral(r["expression"], r["box"], r["score"]) for r in body["results"]]
         return Referral(body["expression"], body["box"], body["score"])
     return [Region(r["box"], r["text"], r["score"]) for r in body["regions"]]
 
@@ -130,13 +132,17 @@ class LoccaClient:
         return self._post("/v1/caption", image, {"max_new_tokens": max_new_tokens, "grounded": grounded or None},
                           **kw)
 
-    def refer(self, image, expression: str, **kw) -> Referral:
-        return self._post("/v1/refer", image, {"expression": expression}, **kw)
+    def refer(self, image, expression: str | list[str], **kw) -> Referral | list[Referral]:
+        """A list of expressions: a Referral each, in order, from one call (one pass of the image's encoder)."""
+        key = "expression" if isinstance(expression, str) else "expressions"
+        return self._post("/v1/refer", image, {key: expression if key == "expression" else list(expression)}, **kw)
 
-    def ground(self, image, box=None, max_regions: int | None = None, **kw) -> list[Region]:
-        """box: [x0, y0, x1, y1], any sequence of numbers (a tuple, a numpy array)."""
+    def ground(self, image, box=None, max_regions: int | None = None, boxes=None, **kw) -> list[Region]:
+        """box: [x0, y0, x1, y1], any sequence of numbers (a tuple, a numpy array); boxes: several of them,
+        described in one call (a Region each, in order)."""
         box = None if box is None else [float(v) for v in box]
-        return self._post("/v1/ground", image, {"box": box, "max_regions": max_regions}, **kw)
+        boxes = None if boxes is None else [[float(v) for v in b] for b in boxes]
+        return self._post("/v1/ground", image, {"box": box, "boxes": boxes, "max_regions": max_regions}, **kw)
 
     def models(self) -> dict:
         return self.http.get("/v1/models").raise_for_status().json()
@@ -224,15 +230,22 @@ class LoccaGrpcClient:
                           p.score if p.HasField("box") else None) for p in r.phrases]
         return Caption(r.caption, r.score, phrases if grounded else None)
 
-    def refer(self, image, expression: str, timeout: float | None = None) -> Referral:
+    def refer(self, image, expression: str | list[str], timeout: float | None = None) -> Referral | list[Referral]:
+        """A list of expressions: a Referral each, in order, from one call (one pass of the image's encoder)."""
+        if not isinstance(expression, str):
+            r = self._call(self.stub.Refer, self.pb.ReferRequest(image=image_bytes(image),
+                                                                 expressions=list(expression)), timeout)
+            return [Referral(x.expression, _box(x.box), x.score) for x in r.results]
         r = self._call(self.stub.Refer, self.pb.ReferRequest(image=image_bytes(image), expression=expression), timeout)
         return Referral(expression, _box(r.box), r.score)
 
     def ground(self, image, box: list[float] | None = None, max_regions: int | None = None,
-               timeout: float | None = None) -> list[Region]:
+               timeout: float | None = None, boxes: list[list[float]] | None = None) -> list[Region]:
         req = self.pb.GroundRequest(image=image_bytes(image), max_regions=max_regions or 0)
         if box is not None:
             req.box.CopyFrom(self.pb.Box(x0=box[0], y0=box[1], x1=box[2], y1=box[3]))
+        for b in boxes or ():
+            req.boxes.append(self.pb.Box(x0=b[0], y0=b[1], x1=b[2], y1=b[3]))
         r = self._call(self.stub.Ground, req, timeout)
         return [Region(_box(g.box), g.text, g.score) for g in r.regions]
 

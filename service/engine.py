@@ -18,11 +18,21 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from model.config import SIZES
-from model.requests import API_CALLS, MAX_REGIONS, Request, RequestError, Result, validate
+from model.encoder_cache import image_key
+from model.requests import (
+    API_CALLS,
+    MAX_QUESTIONS,
+    MAX_REGIONS,
+    Request,
+    RequestError,
+    Result,
+    of_item,
+    validate,
+)
 
 from . import images, metrics, tracing
 from .body import Buffers
-from .errors import DeadlineExceeded, QueueFull, Unavailable, from_core
+from .errors import DeadlineExceeded, InvalidRequest, QueueFull, Unavailable, from_core
 from .pool import WorkerPool
 from .settings import Settings
 
@@ -44,61 +54,81 @@ class Engine:
     # --- the three calls -----------------------------------------------------------------------------
     async def caption(self, image: bytes, max_new_tokens: int | None = None, timeout: float | None = None,
                       grounded: bool = False) -> Result:
-        return await self._run(image, timeout, Request("caption", grounded=grounded, max_new_tokens=max_new_tokens))
+        return (await self._run(image, timeout, [Request("caption", grounded=grounded,
+                                                         max_new_tokens=max_new_tokens)]))[0]
 
-    async def refer(self, image: bytes, expression: str, timeout: float | None = None) -> Result:
-        return await self._run(image, timeout, Request("refer", expression=expression))
+    async def refer(self, image: bytes, expressions: str | Sequence[str], timeout: float | None = None):
+        """The box of an expression (a Result), or of each of several on the image (a list of them, in order,
+        from one encoder pass)."""
+        many = not isinstance(expressions, str)
+        results = await self._run(image, timeout, [Request("refer", expression=e) for e in
+                                                   (expressions if many else [expressions])], many)
+        return results if many else results[0]
 
     async def ground(self, image: bytes, box: Sequence[float] | None = None, max_regions: int = MAX_REGIONS,
-                     timeout: float | None = None) -> Result:
-        """Describe `box`, or without one find every object (at most `max_regions`)."""
+                     timeout: float | None = None, boxes: Sequence[Sequence[float]] | None = None):
+        """Describe `box` (a Result), or each of `boxes` (a list of them, in order, from one encoder pass), or
+        without either find every object (at most `max_regions`)."""
+        if boxes is not None:
+            return await self._run(image, timeout, [Request("describe", box=tuple(b)) for b in boxes], True)
         request = Request("ground", max_regions=max_regions) if box is None else Request("describe", box=tuple(box))
-        return await self._run(image, timeout, request)
+        return (await self._run(image, timeout, [request]))[0]
 
-    async def _run(self, image: bytes, timeout: float | None, request: Request) -> Result:
-        """Admit, decode the image, validate the request against it (model/requests.py validate: the one place,
-        before anything is queued), and run it on a worker."""
+    async def _run(self, image: bytes, timeout: float | None, requests: list[Request],
+                   many: bool = False) -> list[Result]:
+        """Admit, decode the image, validate each request against it (model/requests.py validate: the one place,
+        before anything is queued; a call's questions are named by their place in it), and run them on a
+        worker, together: they share the image's encoder pass."""
+        if many and not 1 <= len(requests) <= MAX_QUESTIONS:
+            raise InvalidRequest(f"a call asks 1 to {MAX_QUESTIONS} questions of its image, not {len(requests)}")
         limit = self.settings.request_timeout_s if timeout is None else min(timeout, self.settings.request_timeout_s)
         deadline = time.monotonic() + limit
-        with self._admit():
+        with self._admit(len(requests)):
             loop = asyncio.get_running_loop()
             image_size = self.pool.info["config"]["image_size"]
             try:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     with tracing.phase("image decode"):
-                        pixels, size = await loop.run_in_executor(self.executor, self._load, image, image_size)
+                        pixels, size, key = await loop.run_in_executor(self.executor, self._load, image, image_size)
             except TimeoutError:
                 raise DeadlineExceeded("the request's deadline passed") from None
-            try:
-                request = validate(request, size)
-            except RequestError as e:
-                raise from_core(e) from None
-            return await self.pool.run(request, pixels, size, deadline)
+            checked = []
+            for i, request in enumerate(requests):
+                try:
+                    checked.append(validate(request, size))
+                except RequestError as e:
+                    raise from_core(of_item(e, i) if many else e) from None
+            return await self.pool.run(checked, pixels, size, key, deadline)
 
     def _load(self, data: bytes, image_size: int):
+        """The model's pixels, the image's size and the pixels' key (the encoded-image cache's, and the one
+        that lets a call's questions share an encoder row)."""
         t0 = time.perf_counter()
         try:
-            return images.load(data, self.limits, image_size)
+            pixels, size = images.load(data, self.limits, image_size)
+            return pixels, size, image_key(pixels)
         finally:
             metrics.IMAGE_SECONDS.observe(time.perf_counter() - t0)
 
     @contextlib.contextmanager
-    def _admit(self):
+    def _admit(self, n: int = 1):
+        """Hold `n` of the `max_queue` places (a call's questions) while the call runs; a call larger than
+        the whole queue is admitted only into an empty one."""
         retry = self.settings.retry_after_s
         with tracing.phase("admission"):
             if self.draining:
                 raise Unavailable("the server is shutting down", retry_after=retry)
             if self.pool.info is None:  # not served yet: loading. After that, a restart's arrivals wait (pool.run)
                 raise Unavailable("the model is not ready yet", retry_after=retry)
-            if self.in_flight >= self.settings.max_queue:
+            if self.in_flight and self.in_flight + n > self.settings.max_queue:
                 raise QueueFull(f"{self.in_flight} requests are queued or running; retry later", retry_after=retry)
-        self.in_flight += 1
+        self.in_flight += n
         self._idle.clear()
         metrics.IN_FLIGHT.set(self.in_flight)
         try:
             yield
         finally:
-            self.in_flight -= 1
+            self.in_flight -= n
             metrics.IN_FLIGHT.set(self.in_flight)
             if self.in_flight == 0:
                 self._idle.set()

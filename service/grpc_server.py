@@ -38,8 +38,14 @@ def _box(b) -> pb.Box:
     return pb.Box(x0=b[0], y0=b[1], x1=b[2], y1=b[3])
 
 
-def to_pb(result: Result):
-    """A Result (model/requests.py) as its gRPC response: the one place one becomes a message."""
+def to_pb(result: Result | list[Result], expressions: list[str] | None = None):
+    """A Result (model/requests.py) as its gRPC response: the one place one becomes a message. The results of
+    a call that asked several questions: a refer's in `results`, a describe's regions in one list."""
+    if isinstance(result, list):
+        if result and result[0].task == "refer":
+            return pb.ReferResponse(results=[pb.ReferResult(expression=e, box=_box(r.box), score=r.score)
+                                             for r, e in zip(result, expressions, strict=True)])
+        return pb.GroundResponse(regions=[region for r in result for region in to_pb(r).regions])
     if result.task == "caption":
         return pb.CaptionResponse(caption=result.text, score=result.score, phrases=[
             pb.Phrase(text=p.text, start=p.span[0], end=p.span[1], score=p.score or 0.0,
@@ -83,7 +89,7 @@ def _params(model, **values):
     try:
         return model(**values)
     except ValidationError as e:
-        raise InvalidRequest("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+        raise InvalidRequest("; ".join(f"{'.'.join(map(str, x['loc'])) or 'request'}: {x['msg']}" for x in e.errors())) from None
 
 
 class LoccaServicer(pb_grpc.LocCaServicer):
@@ -100,10 +106,12 @@ class LoccaServicer(pb_grpc.LocCaServicer):
 
     async def Refer(self, request, context):
         async def work(timeout):
-            p = _params(ReferParams, expression=request.expression)
-            result = await self.engine.refer(request.image, p.expression, timeout)
+            many = list(request.expressions) or None
+            p = _params(ReferParams, expression=request.expression if many is None else request.expression or None,
+                        expressions=many)
+            result = await self.engine.refer(request.image, p.expression if many is None else p.expressions, timeout)
             with tracing.phase("response"):
-                return to_pb(result)
+                return to_pb(result, p.expressions)
         return await self._call(context, "Refer", work, request)
 
     async def Ground(self, request, context):
@@ -112,8 +120,9 @@ class LoccaServicer(pb_grpc.LocCaServicer):
             if request.HasField("box"):
                 b = request.box
                 box = [b.x0, b.y0, b.x1, b.y1]
-            p = _params(GroundParams, box=box, max_regions=request.max_regions or MAX_REGIONS)
-            result = await self.engine.ground(request.image, p.box, p.max_regions, timeout)
+            boxes = [[b.x0, b.y0, b.x1, b.y1] for b in request.boxes] or None
+            p = _params(GroundParams, box=box, boxes=boxes, max_regions=request.max_regions or MAX_REGIONS)
+            result = await self.engine.ground(request.image, p.box, p.max_regions, timeout, p.boxes)
             with tracing.phase("response"):
                 return to_pb(result)
         return await self._call(context, "Ground", work, request)

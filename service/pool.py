@@ -96,6 +96,7 @@ class WorkerPool:
         self.closing = False
         self._ids = itertools.count(1)
         self._queue_depths: dict[int, int] = {}
+        self._caches: dict[int, dict] = {}  # each slot's last encoded-image cache figures
         self._any_ready: asyncio.Event | None = None  # set while some worker is ready (made in `start`)
 
     def start(self) -> None:
@@ -152,7 +153,7 @@ class WorkerPool:
         elif kind == "error":
             self._settle(h, msg[1], error=msg[2])
         elif kind == "stats":
-            metrics.record_worker_stats(msg[1], self._queue_depths, h.slot)
+            metrics.record_worker_stats(msg[1], self._queue_depths, self._caches, h.slot)
         elif kind == "failed":
             log.error("worker cannot load the model", extra={"slot": h.slot, "why": msg[1]})
             if self.info is None:  # never served: the model itself is unusable, not a passing fault
@@ -178,6 +179,7 @@ class WorkerPool:
         was_ready, h.ready = h.ready, False
         self._update_ready()
         self._queue_depths.pop(h.slot, None)
+        self._caches.pop(h.slot, None)  # a new worker starts with an empty cache
         for fut in h.jobs.values():
             if not fut.done():
                 fut.set_exception(WorkerDied())
@@ -208,18 +210,20 @@ class WorkerPool:
         asyncio.get_running_loop().call_later(delay, self._spawn, h.slot)
 
     # --- requests ------------------------------------------------------------------------------------
-    async def run(self, request: Request, pixels: np.ndarray, size: tuple[int, int], deadline: float) -> Result:
-        """Run one request on the least busy ready worker, waiting for one if none is; `deadline` is on the
-        monotonic clock. A request whose worker dies is run again, once, on the next ready worker. Cancelling
-        the caller (client gone, gRPC deadline) or passing the deadline aborts the job in the worker."""
+    async def run(self, requests: list[Request], pixels: np.ndarray, size: tuple[int, int], key: bytes,
+                  deadline: float) -> list[Result]:
+        """Run a call's requests (its questions on one image) on the least busy ready worker, waiting for one if
+        none is; `deadline` is on the monotonic clock. A call whose worker dies is run again, once, on the next
+        ready worker. Cancelling the caller (client gone, gRPC deadline) or passing the deadline aborts its
+        jobs in the worker; so does one of them failing."""
         h = await self._ready_worker(deadline)
         try:
-            return await self._run_on(h, request, pixels, size, deadline)
+            return await self._run_on(h, requests, pixels, size, key, deadline)
         except WorkerDied:
             metrics.REQUESTS_RETRIED.inc()
             log.warning("the worker holding a request died; queueing it again", extra={"slot": h.slot})
         try:
-            return await self._run_on(await self._ready_worker(deadline), request, pixels, size, deadline)
+            return await self._run_on(await self._ready_worker(deadline), requests, pixels, size, key, deadline)
         except WorkerDied:
             raise Unavailable("the model workers serving this request died twice; retry",
                               retry_after=self.retry_after) from None
@@ -237,27 +241,32 @@ class WorkerPool:
             except TimeoutError:
                 raise DeadlineExceeded("no model worker was ready before the request's deadline") from None
 
-    async def _run_on(self, h: WorkerHandle, request: Request, pixels: np.ndarray, size: tuple[int, int],
-                      deadline: float) -> Result:
+    async def _run_on(self, h: WorkerHandle, requests: list[Request], pixels: np.ndarray, size: tuple[int, int],
+                      key: bytes, deadline: float) -> list[Result]:
         if not h.jobs:
             h.heard = time.monotonic()  # an idle worker is quiet: its silence counts from now
-        job_id = next(self._ids)
-        fut = asyncio.get_running_loop().create_future()
-        h.jobs[job_id] = fut
-        h.send(("add", job_id, request, pixels, size, max(0.0, deadline - time.monotonic())))
+        ids = [next(self._ids) for _ in requests]
+        loop = asyncio.get_running_loop()
+        futs = [loop.create_future() for _ in ids]
+        h.jobs.update(zip(ids, futs, strict=True))
+        h.send(("add", ids, requests, pixels, size, key, max(0.0, deadline - time.monotonic())))
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                result, timings = await fut
-            tracing.record_worker(timings)  # its phases, as spans of this request (service/tracing.py)
-            return result
+                answers = await asyncio.gather(*futs)
+            for _, timings in answers:
+                tracing.record_worker(timings)  # its phases, as spans of this request (service/tracing.py)
+            return [result for result, _ in answers]
         except TimeoutError:
-            h.send(("abort", job_id))
+            h.send(("abort", ids))
             raise DeadlineExceeded("the request's deadline passed") from None
-        except asyncio.CancelledError:
-            h.send(("abort", job_id))
+        except BaseException:  # cancelled, the worker died, or one question failed: the others' work stops
+            h.send(("abort", ids))
             raise
         finally:
-            h.jobs.pop(job_id, None)
+            for job_id, fut in zip(ids, futs, strict=True):
+                h.jobs.pop(job_id, None)
+                if fut.done() and not fut.cancelled():
+                    fut.exception()  # retrieved: the first one raised; the others' go with the call
 
     async def close(self, timeout: float = 10.0) -> None:
         self.closing = True

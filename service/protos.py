@@ -51,11 +51,16 @@ def generate(proto: Path = PROTO, build: Path = BUILD) -> Path:
 
 
 def load() -> tuple[ModuleType, ModuleType]:
-    """-> (locca_pb2, locca_pb2_grpc): the installed package's, else generated from the checkout's .proto."""
+    """-> (locca_pb2, locca_pb2_grpc): the installed package's, else generated from the checkout's .proto. In
+    a checkout whose .proto changed since its editable install made `locca_grpc`, the checkout's wins."""
     try:
-        from locca_grpc import locca_pb2, locca_pb2_grpc  # noqa: PLC0415 (shipped in the wheel)
+        import locca_grpc  # noqa: PLC0415 (shipped in the wheel)
 
-        return locca_pb2, locca_pb2_grpc
+        shipped = Path(locca_grpc.__file__).parent / "locca.proto"
+        if not PROTO.is_file() or (shipped.is_file() and shipped.read_bytes() == PROTO.read_bytes()):
+            from locca_grpc import locca_pb2, locca_pb2_grpc  # noqa: PLC0415
+
+            return locca_pb2, locca_pb2_grpc
     except ImportError:
         pass  # a source checkout: the stubs are made from proto/ (grpcio-tools, the dev extra)
     out = str(generate())

@@ -40,8 +40,8 @@ def colour(i: int) -> tuple[int, int, int]:
 
 def labelled_boxes(task: str, result: dict) -> list[tuple[list[float], str]]:
     """(box, label) pairs of an answer in the REST contract's shape, in drawing order."""
-    if task == "refer":
-        return [(result["box"], result["expression"])]
+    if task == "refer":  # one expression, or several (`results`)
+        return [(r["box"], r["expression"]) for r in result.get("results", [result])]
     if task == "ground":
         regions = result["regions"]
         if len(regions) == 1:

@@ -143,7 +143,7 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
             raise InvalidRequest(f"render must be json or png, not {how!r}")
         answered = await until_disconnect(request, work)
         with tracing.phase("response"):
-            result = api.to_json(answered, getattr(p, "expression", None))
+            result = api.to_json(answered, getattr(p, "expressions", None) or getattr(p, "expression", None))
             if how == "json":
                 return result
             png = await asyncio.get_running_loop().run_in_executor(
@@ -180,19 +180,20 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
         work = engine.caption(image, p.max_new_tokens, client_timeout(request), p.grounded)
         return await answer(request, p, image, "caption", work)
 
-    @app.post("/v1/refer", response_model=api.ReferResponse, responses={**ERRORS, **PNG},
-              openapi_extra=body_doc(api.ReferRequest), summary="Find the box a referring expression names")
+    @app.post("/v1/refer", response_model=api.ReferResponse | api.ReferManyResponse, responses={**ERRORS, **PNG},
+              openapi_extra=body_doc(api.ReferRequest),
+              summary="Find the box a referring expression names, or the box of each of several expressions")
     async def refer(request: Request):
         p, image = await read_request(request, api.ReferRequest, api.ReferParams, limit)
-        work = engine.refer(image, p.expression, client_timeout(request))
+        work = engine.refer(image, p.expression if p.expressions is None else p.expressions, client_timeout(request))
         return await answer(request, p, image, "refer", work)
 
     @app.post("/v1/ground", response_model=api.GroundResponse, responses={**ERRORS, **PNG},
               openapi_extra=body_doc(api.GroundRequest),
-              summary="Describe a box, or find every object: boxes and descriptions")
+              summary="Describe a box (or each of several), or find every object: boxes and descriptions")
     async def ground(request: Request):
         p, image = await read_request(request, api.GroundRequest, api.GroundParams, limit)
-        work = engine.ground(image, p.box, p.max_regions, client_timeout(request))
+        work = engine.ground(image, p.box, p.max_regions, client_timeout(request), p.boxes)
         return await answer(request, p, image, "ground", work)
 
     @app.get("/v1/models", response_model=api.ModelInfo, responses={s: ERRORS[s] for s in (401, 503)},

@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 
-from model.requests import MAX_REGIONS, Result
+from model.requests import MAX_QUESTIONS, MAX_REGIONS, Result
 
 from .errors import BadImage
 
@@ -57,22 +57,64 @@ def _no_grounded(data):
     return data
 
 
+Expression = Annotated[str, Field(max_length=MAX_EXPRESSION_CHARS)]
+
+
+def _one_of(p, one: str, many: str, needed: bool):
+    """A call asks one question (`one`) or several (`many`), not both; `needed`: one of them it must."""
+    if getattr(p, one) is not None and getattr(p, many) is not None:
+        raise ValueError(f"give `{one}` or `{many}`, not both")
+    if needed and getattr(p, one) is None and getattr(p, many) is None:
+        raise ValueError(f"give `{one}` (one question) or `{many}` (several, one encoder pass)")
+    return p
+
+
+def _json_list(v):
+    """A list in a form field is text: JSON. (A JSON body's list arrives as one already.)"""
+    if not isinstance(v, str):
+        return v
+    try:
+        return json.loads(v)
+    except (ValueError, RecursionError):
+        raise ValueError("a list in a form field is JSON text, e.g. [\"the red circle\", \"the square\"] or "
+                         "[[0, 0, 10, 10], [5, 5, 20, 30]]") from None
+
+
 class ReferParams(BaseModel):
-    expression: str = Field(max_length=MAX_EXPRESSION_CHARS, description="a referring expression (non-empty)")
+    expression: Expression | None = Field(None, description=(
+        "a referring expression (non-empty); or, instead, `expressions`"))
+    expressions: list[Expression] | None = Field(None, min_length=1, max_length=MAX_QUESTIONS, description=(
+        f"several referring expressions of the same image (1-{MAX_QUESTIONS}, each non-empty), answered from one "
+        "pass of its encoder: `results`, a box per expression, in order. In a form: JSON text `[\"...\", ...]`"))
     render: Render = None
 
     _no_grounded = model_validator(mode="before")(_no_grounded)
+
+    @model_validator(mode="after")
+    def _one(self):
+        return _one_of(self, "expression", "expressions", needed=True)
+
+    _expressions_text = field_validator("expressions", mode="before")(_json_list)
 
 
 class GroundParams(BaseModel):
     box: Box | None = Field(None, description="a box to describe; without one, the model proposes regions. In "
                             "a form: JSON text `[x0,y0,x1,y1]` or `x0,y0,x1,y1`")
+    boxes: list[Box] | None = Field(None, min_length=1, max_length=MAX_QUESTIONS, description=(
+        f"instead of `box`: several boxes of the same image to describe (1-{MAX_QUESTIONS}), answered from one "
+        "pass of its encoder: `regions` holds one per box, in order. In a form: JSON text `[[x0,y0,x1,y1], ...]`"))
     max_regions: Count = Field(MAX_REGIONS, ge=1, le=MAX_REGIONS, description=(
         "without a box: the most regions answered (every object found, best first, up to this many; "
         f"1-{MAX_REGIONS}, default {MAX_REGIONS})"))
     render: Render = None
 
     _no_grounded = model_validator(mode="before")(_no_grounded)
+
+    @model_validator(mode="after")
+    def _one(self):
+        return _one_of(self, "box", "boxes", needed=False)
+
+    _boxes_text = field_validator("boxes", mode="before")(_json_list)
 
     @field_validator("box", mode="before")
     @classmethod
@@ -124,6 +166,10 @@ class ReferResponse(BaseModel):
     score: float = Field(description="mean log-probability of the generated tokens")
 
 
+class ReferManyResponse(BaseModel):
+    results: list[ReferResponse] = Field(description="with `expressions`: one answer per expression, in order")
+
+
 class Region(BaseModel):
     box: Box
     text: str
@@ -163,8 +209,13 @@ def b64_image(text: str) -> bytes:
         raise BadImage("the image is not valid base64") from None
 
 
-def to_json(result: Result, expression: str | None = None) -> dict:
-    """A Result as its REST answer (the *Response models above); a refer's answer repeats its expression."""
+def to_json(result: Result | list[Result], expression: str | list[str] | None = None) -> dict:
+    """A Result as its REST answer (the *Response models above); a refer's answer repeats its expression. The
+    results of a call that asked several questions: a refer's in `results`, a describe's regions in one list."""
+    if isinstance(result, list):
+        if result and result[0].task == "refer":
+            return {"results": [to_json(r, e) for r, e in zip(result, expression, strict=True)]}
+        return {"regions": [region for r in result for region in to_json(r)["regions"]]}
     if result.task == "caption":
         out = {"caption": result.text, "score": result.score}
         if result.phrases is not None:

@@ -152,6 +152,106 @@ def test_every_task_agrees_across_multipart_json_and_grpc(server, rest, rpc, sce
         assert not any(a.text == b.text and iou(a.box, b.box) >= 0.5 for b in every[i + 1:])
 
 
+def metric(server, sample: str) -> float:
+    """A sample's value on /metrics (`name{labels}` as exposed), 0 when absent."""
+    for line in server.get("/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def cache_lookups(server) -> tuple[float, float]:
+    return (metric(server, 'locca_encoder_cache_lookups_total{result="miss"}'),
+            metric(server, 'locca_encoder_cache_lookups_total{result="hit"}'))
+
+
+def settled(read, timeout=5.0):
+    """`read()` once it holds still: the same twice in a row, longer apart than workers ship their counts."""
+    deadline, last = time.monotonic() + timeout, read()
+    while time.monotonic() < deadline:
+        time.sleep(0.4)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"still changing after {timeout} s: {last}")
+
+
+def same_answers(got, want, box_tol=0.0):
+    """The same boxes and texts in the same order; scores up to float reassociation across batch shapes (and
+    boxes up to `box_tol`: gRPC's are float32)."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.box == pytest.approx(w.box, abs=box_tol) and g.score == pytest.approx(w.score, abs=1e-4)
+        assert getattr(g, "expression", None) == getattr(w, "expression", None)
+        assert getattr(g, "text", None) == getattr(w, "text", None)
+
+
+def test_many_questions_in_one_call_equal_the_single_calls(server, rest, rpc, scenes):
+    """expressions on /v1/refer and boxes on /v1/ground (REST multipart and JSON, gRPC): one answer per
+    question, in order, equal to asking each alone; the call's image is encoded once, and then served from the
+    encoded-image cache."""
+    s = generate_scene(1234)  # an image no other test sends: its first call misses the cache
+    data = png(s.image)
+    expressions = (s.expressions * 4)[:4]
+    boxes = [list(o.box) for o in s.objects[:3]] + [[5, 5, 60, 50]]
+    before = settled(lambda: cache_lookups(server))
+    many = rest.refer(data, expressions)
+    after = settled(lambda: cache_lookups(server))
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 0), "four questions, one encoder pass"
+    assert [r.expression for r in many] == expressions
+    same_answers(many, [rest.refer(data, e) for e in expressions])  # asked alone (cache hits now)
+    assert settled(lambda: cache_lookups(server))[1] - after[1] == len(expressions)
+    described = rest.ground(data, boxes=boxes)
+    assert len(described) == 4
+    same_answers(described, [rest.ground(data, box=b)[0] for b in boxes])
+    with LoccaClient(server.url, retries=0, encoding="json") as js:
+        assert js.refer(data, expressions) == many and js.ground(data, boxes=boxes) == described
+    same_answers(rpc.refer(data, expressions), many, 1e-3)
+    same_answers(rpc.ground(data, boxes=boxes), described, 1e-3)
+    png_answer = post(server, "/v1/refer?render=png", files={"image": data},
+                      data={"expressions": json.dumps(expressions[:2])})
+    assert png_answer.headers["content-type"] == "image/png"
+    assert len(json.loads(png_answer.headers["x-locca-result"])["results"]) == 2
+
+
+@pytest.mark.parametrize("path,body,status,words", [
+    ("/v1/refer", {"expressions": []}, 422, "at least 1"),
+    ("/v1/refer", {"expressions": ["the circle"] * 65}, 422, "at most 64"),
+    ("/v1/refer", {"expressions": ["the circle", "  "]}, 400, "expressions[1]: the expression is empty"),
+    ("/v1/refer", {"expressions": ["the circle", "x" * 300]}, 422, "expressions.1"),
+    ("/v1/refer", {"expressions": "the circle"}, 422, "expressions"),
+    ("/v1/refer", {"expression": "the circle", "expressions": ["the square"]}, 422, "not both"),
+    ("/v1/refer", {}, 422, "`expressions`"),
+    ("/v1/ground", {"boxes": []}, 422, "at least 1"),
+    ("/v1/ground", {"boxes": [[0, 0, 10, 10]] * 65}, 422, "at most 64"),
+    ("/v1/ground", {"boxes": [[0, 0, 10, 10], [5000, 5000, 5010, 5010]]}, 400, "boxes[1]: the box"),
+    ("/v1/ground", {"boxes": [[0, 0, 10, 10], [30, 30, 20, 40]]}, 400, "boxes[1]: a box needs x0 < x1"),
+    ("/v1/ground", {"boxes": [[0, 0, 10]]}, 422, "boxes.0"),
+    ("/v1/ground", {"box": [0, 0, 10, 10], "boxes": [[0, 0, 10, 10]]}, 422, "not both"),
+])
+def test_many_questions_bad_input_names_the_item(server, scenes, path, body, status, words):
+    r = post(server, path, json={"image": base64.b64encode(png(scenes[0].image)).decode(), **body})
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]
+
+
+def test_many_questions_bad_input_over_grpc(server, scenes):
+    stub = pb_grpc.LocCaStub(grpc.insecure_channel(server.grpc_target))
+    data = png(scenes[0].image)
+    for method, request, words in [
+            (stub.Refer, pb.ReferRequest(image=data, expressions=["the circle"] * 65), "at most 64"),
+            (stub.Refer, pb.ReferRequest(image=data, expressions=["the circle", ""]), "expressions[1]: the expression"),
+            (stub.Refer, pb.ReferRequest(image=data, expression="a", expressions=["b"]), "not both"),
+            (stub.Ground, pb.GroundRequest(image=data, boxes=[pb.Box(x0=0, y0=0, x1=9, y1=9),
+                                                             pb.Box(x0=900, y0=900, x1=990, y1=990)]), "boxes[1]"),
+            (stub.Ground, pb.GroundRequest(image=data, box=pb.Box(x0=0, y0=0, x1=9, y1=9),
+                                           boxes=[pb.Box(x0=0, y0=0, x1=9, y1=9)]), "not both")]:
+        with pytest.raises(grpc.RpcError) as e:
+            method(request, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details(), e.value.details()
+
+
 def test_request_ids(server, scenes):
     r = httpx.get(server.url + "/healthz", headers={"X-Request-ID": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
