@@ -17,6 +17,10 @@ Sections (each prints its progress; the table at the end says which goals of iss
   4. the limit: measured peak matrix-multiply rate, analytic model FLOPs (benchmarks/flops.py), the encoder's
      and the whole request's model FLOPs utilisation
   5. scaling: latency against output length and against images per call
+  6. efficiency (issue 19): the server's caption answers/s at 32, 64 and 128 connections from wrk (if installed),
+     a different image per request, against the in-process engine on the same kind of requests
+  7. REC client: 4 referring expressions per image as 4 calls without the encoded-image cache, 4 calls with it,
+     and 1 call with `expressions`: questions/s
 Every contender runs with the same number of threads (--threads). Writes benchmarks/results/bench_DEVICE_MODE
 .json and .png, and copies the plot to docs/bench_DEVICE.png for the README.
 """
@@ -54,6 +58,12 @@ class BenchConfig:
     images: tuple[int, ...] = (1, 4, 16, 32)
     pool: int = 32                               # distinct scenes the servers are sent
     peak_s: float = 2.0                          # seconds per dtype measuring the peak, at the start and the end
+    saturation: tuple[int, ...] = (32, 64, 128)  # section 6: connections
+    saturation_window_s: float = 8.0             # section 6: seconds measured per level (after as long a ramp / 2)
+    engine_requests: int = 256                   # section 6: captions queued at once in the in-process engine
+    rec_clients: int = 8                         # section 7: REC clients, closed loops
+    rec_window_s: float = 4.0                    # section 7: seconds measured per way, per round
+    rec_rounds: int = 2                          # section 7: rounds of the three ways
 
     def __post_init__(self):
         if min(self.batches + self.levels + self.encoder_batches + self.lengths + self.images) < 1:
@@ -64,15 +74,17 @@ class BenchConfig:
 
 MODES = {
     "quick": BenchConfig(),
-    "full": BenchConfig(rounds=9, window_s=15.0, mixed_window_s=20.0, accuracy_scenes=500,
+    "full": BenchConfig(rounds=9, window_s=15.0, mixed_window_s=20.0, accuracy_scenes=500, saturation_window_s=20.0,
+                        rec_window_s=10.0, rec_rounds=3,
                         encoder_batches=(1, 2, 4, 8, 16, 32, 64, 128), lengths=(2, 4, 8, 16, 24, 32, 40, 46),
                         images=(1, 2, 4, 8, 16, 32, 64), pool=64),
     # a few seconds, every code path, for tests/test_bench.py: no figure from it means anything
     "smoke": BenchConfig(new_tokens=4, batches=(1, 2), rounds=1, levels=(1, 2), window_s=0.3, mixed_window_s=0.3,
                          captioners=2, accuracy_scenes=2, encoder_batches=(1, 2), lengths=(2, 4), images=(1, 2),
-                         pool=4, peak_s=0.1),
+                         pool=4, peak_s=0.1, saturation=(2, 4), saturation_window_s=1.0, engine_requests=8,
+                         rec_clients=2, rec_window_s=1.0, rec_rounds=1),
 }
-SECTIONS = ("engine", "serving", "batching", "limit", "scaling")
+SECTIONS = ("engine", "serving", "batching", "limit", "scaling", "efficiency", "rec")
 
 
 def add_arguments(p) -> None:
@@ -170,6 +182,10 @@ def bench(cfg: BenchConfig, model: str, device: str = "cpu", threads: int = 1, s
             res["batching"] = batching.mixed(worker, pool.captions, pool.refers, cfg.captioners, cfg.mixed_window_s)
         if "serving" in sections:
             res["serving"] = serve(cfg, model, device, threads, pool, mcfg, tmp)
+        if "efficiency" in sections:
+            res["efficiency"] = efficiency(cfg, model, device, threads, ours[0], tmp)
+        if "rec" in sections:
+            res["rec"] = rec(cfg, model, device, threads, ours[0], tmp)
     peaks.append(flops.peaks(device, cfg.peak_s))
     res["peak"] = {k: max(p[k] for p in peaks) for k in peaks[0]}  # the best sample is the least interrupted
     res["peak_runs"] = peaks
@@ -224,6 +240,79 @@ def serve(cfg: BenchConfig, model: str, device: str, threads: int, pool, mcfg, t
         out["ground"] = ground_vs_caption(o.url, ours_req, cfg.window_s, cfg.rounds)
         out["workers"] = two_workers(o, model, threads, device, ours_req, max(cfg.levels), cfg.window_s, tmp)
     return out
+
+
+def distinct_images(n: int, offset: int) -> list[tuple[bytes, object]]:
+    """n scenes from seed `offset` on (held out: training never draws seeds this high), as (PNG bytes, scene
+    without its image), made one at a time: thousands of decoded scenes would not fit in memory."""
+    import io
+
+    from tqdm import tqdm
+
+    from model.shapes import generate_scene
+    out = []
+    for seed in tqdm(range(offset, offset + n), desc="scenes", unit="scene", leave=False, disable=n < 500):
+        scene = generate_scene(seed)
+        buf = io.BytesIO()
+        scene.image.save(buf, "PNG")
+        out.append((buf.getvalue(), dataclasses.replace(scene, image=None)))
+    return out
+
+
+def efficiency(cfg: BenchConfig, model: str, device: str, threads: int, default, tmp: str) -> dict:
+    """Section 6: the server's caption answers/s under load, each request another image, against the engine."""
+    from model.image import preprocess
+    from model.shapes import generate_scene
+    from service.launch import launch
+    from service.settings import Settings
+
+    from . import efficiency as eff
+    size = default.inference.cfg.image_size
+    say(f"6. efficiency: the in-process engine, {cfg.engine_requests} captions at once, the server's scheduler")
+    scenes = [generate_scene(seed) for seed in range(1_700_000_000, 1_700_000_000 + cfg.engine_requests)]
+    loaded = [(preprocess(scene.image, size), scene.image.size) for scene in scenes]
+    config = Settings().scheduler()
+    engine_row = eff.engine_throughput(default.inference, default.tasks, config, loaded, cfg.rounds)
+    say(f"6. engine: {engine_row['throughput']:.1f} captions/s")
+    # as many images as the server could be sent at 1.5x the engine's rate, so that none is sent twice
+    warm = max(1.0, cfg.saturation_window_s / 2)
+    seconds = len(cfg.saturation) * (warm + max(1.0, cfg.saturation_window_s))
+    n = int(1.5 * engine_row["throughput"] * seconds) + 2 * sum(cfg.saturation)
+    say(f"6. making {n} more distinct scenes (no image is sent twice)")
+    images = distinct_images(n, offset=1_700_000_000 + cfg.engine_requests)
+    with launch(f"{tmp}/efficiency.log", model=model, backend=backend_of(default), threads=threads,
+                device=device) as server:
+        generator, rows = eff.server_levels(server, [data for data, _ in images], cfg.saturation,
+                                            cfg.saturation_window_s, warm)
+    for r in rows:
+        r["efficiency"] = r["throughput"] / engine_row["throughput"]
+        say(f"6. server, {r['clients']} connections ({generator}): {r['throughput']:.1f} captions/s = "
+            f"{100 * r['efficiency']:.0f}% of the engine, p99 {r['p99_ms']:.0f} ms, {r['non_2xx']} not 2xx, "
+            f"{r['cache_hits']:.0f} cache hits")
+    peak = max(r["throughput"] for r in rows)
+    return {"generator": generator, "engine": engine_row, "server": rows, "scheduler": dataclasses.asdict(config),
+            "at_most_clients_vs_peak": rows[-1]["throughput"] / peak}
+
+
+def backend_of(default) -> str:
+    """The server backend of our default contender: ONNX Runtime, or PyTorch (a GPU without onnxruntime-gpu,
+    or a run that left ONNX out)."""
+    return "onnxruntime" if default.name.startswith("ours ort") else "torch"
+
+
+def rec(cfg: BenchConfig, model: str, device: str, threads: int, default, tmp: str) -> dict:
+    """Section 7: a referring-expression client's 4 questions per image, three ways."""
+    from service.launch import launch
+
+    from . import efficiency as eff
+    n = int(cfg.rec_rounds * 3 * (cfg.rec_window_s * 100 + 4 * cfg.rec_clients))  # < 100 images/s
+    say(f"7. REC client: {n} distinct scenes, 4 expressions each, {cfg.rec_clients} clients")
+    work = [(data, (scene.expressions * 4)[:4]) for data, scene in distinct_images(n, offset=1_800_000_000)]
+    backend = backend_of(default)
+    with launch(f"{tmp}/rec_cached.log", model=model, backend=backend, threads=threads, device=device) as cached, \
+            launch(f"{tmp}/rec_uncached.log", model=model, backend=backend, threads=threads, device=device,
+                   encoder_cache_mb=0) as uncached:
+        return eff.rec(cached.url, uncached.url, work, cfg.rec_clients, cfg.rec_window_s, cfg.rec_rounds, say)
 
 
 def two_workers(one, model: str, threads: int, device: str, requests: list, clients: int, window: float,

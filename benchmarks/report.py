@@ -42,6 +42,17 @@ def goals(res: dict) -> list[dict]:
     if "batching" in res:
         x = res["batching"]["continuous_over_idle"]
         goal("3. refer p50 under mixed load / idle (continuous batching)", "<= 2", x, x <= 2)
+    if "efficiency" in res:  # issue 19
+        e = res["efficiency"]
+        for r in e["server"]:
+            goal(f"6. server captions/s at {r['clients']} connections ({e['generator'].split()[0]}) / in-process "
+                 "engine", ">= 85%", r["efficiency"], r["efficiency"] >= 0.85, f"{100 * r['efficiency']:.0f}%")
+        x = e["at_most_clients_vs_peak"]
+        goal(f"6. throughput at {e['server'][-1]['clients']} connections / the peak", ">= 95%", x, x >= 0.95,
+             f"{100 * x:.0f}%")
+    if "rec" in res:
+        x = res["rec"]["modes"]["1 call of 4"]["vs_uncached"]
+        goal("7. REC questions/s: 1 call of 4 expressions / 4 calls without cache", ">= 2.5", x, x >= 2.5)
     if "encoder" in res:
         best = max((r for r in res["encoder"] if r["name"] == default), key=lambda r: r["mfu"])
         goal(f"4. encoder MFU at its best batch ({best['batch']}), {default}", ">= 50%", best["mfu"],
@@ -131,7 +142,22 @@ def table(res: dict) -> str:
             for name in dict.fromkeys(r["name"] for r in res["scaling"][axis]):
                 lines.append(f"   {name:<20}{key:<11}" + "  ".join(
                     f"{r[key]}: {1e3 * r['seconds']:.1f}" for r in res["scaling"][axis] if r["name"] == name))
-    lines += ["", f"   {'goal (issue 8)':<72}{'target':>18}{'measured':>26}  met"]
+    if "efficiency" in res:
+        e = res["efficiency"]
+        lines += ["", f"6. efficiency: caption answers/s, a different image per request; engine in-process "
+                  f"({e['engine']['requests']} at once, the server's scheduler): {e['engine']['throughput']:.1f}/s",
+                  f"   {'connections':>11}{'server/s':>10}{'of engine':>11}{'p50 ms':>9}{'p99 ms':>9}{'not 2xx':>9}"
+                  f"{'cache hits':>12}   load generator: {e['generator']}"]
+        lines += [f"   {r['clients']:>11}{r['throughput']:>10.1f}{100 * r['efficiency']:>10.0f}%{r['p50_ms']:>9.0f}"
+                  f"{r['p99_ms']:>9.0f}{r['non_2xx']:>9}{r['cache_hits']:>12.0f}" for r in e["server"]]
+    if "rec" in res:
+        r = res["rec"]
+        lines += ["", f"7. REC client: {r['questions_per_image']} expressions per image, {r['clients']} clients, "
+                  f"medians of {r['rounds']} rounds",
+                  f"   {'way':<20}{'questions/s':>12}{'x':>7}{'image p50 ms':>14}{'image p99 ms':>14}"]
+        lines += [f"   {name:<20}{m['questions_per_s']:>12.1f}{m['vs_uncached']:>7.2f}{m['image_p50_ms']:>14.0f}"
+                  f"{m['image_p99_ms']:>14.0f}" for name, m in r["modes"].items()]
+    lines += ["", f"   {'goal (issues 8, 19)':<72}{'target':>18}{'measured':>26}  met"]
     lines += [f"   {g['goal']:<72}{g['target']:>18}{g['measured']:>26}  {'yes' if g['met'] else 'NO'}"
               for g in goals(res)]
     return "\n".join(lines)
@@ -142,7 +168,7 @@ def plot(res: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(2, 4, figsize=(22, 9))
+    fig, ax = plt.subplots(2, 5, figsize=(27, 9))
     ax = ax.ravel()
     m = res["meta"]
     fig.suptitle(f"locca bench --{m['mode']}, {m['date']}: {m['cpu']} ({m['cores']} cores)"
@@ -194,6 +220,22 @@ def plot(res: dict, path) -> None:
             a.set_title(f"5. ms per call vs {label}")
             a.set_xlabel(label)
             a.legend(fontsize=8)
+    if "efficiency" in res:
+        e = res["efficiency"]
+        rows = e["server"]
+        ax[8].bar([str(r["clients"]) for r in rows], [r["throughput"] for r in rows], color="tab:blue",
+                  label=f"server ({e['generator'].split()[0]})")
+        ax[8].axhline(e["engine"]["throughput"], color="tab:green", label="in-process engine")
+        ax[8].axhline(0.85 * e["engine"]["throughput"], color="k", ls=":", label="goal: 85% of the engine")
+        ax[8].set_title("6. captions/s, a different image per request")
+        ax[8].set_xlabel("connections")
+        ax[8].legend(fontsize=8)
+    if "rec" in res:
+        modes = res["rec"]["modes"]
+        ax[9].bar([n.replace(", ", "\n") for n in modes], [m["questions_per_s"] for m in modes.values()],
+                  color=["tab:gray", "tab:cyan", "tab:blue"])
+        ax[9].set_title(f"7. REC: questions/s, {res['rec']['questions_per_image']} per image, "
+                        f"{res['rec']['clients']} clients")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

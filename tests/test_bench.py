@@ -85,7 +85,7 @@ def test_in_process_sections_table_json_and_plot(model_path, naive_rows, tmp_pat
     assert all(finite(g["value"]) and isinstance(g["met"], bool) for g in goals)
     text = report.table(res)
     for part in ("1. engine vs HF", "2. serving", "3. refer p50", "4. encoder model FLOPs", "5. scaling",
-                 "goal (issue 8)"):
+                 "goal (issues 8, 19)"):
         assert part in text
     report.plot(res, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").stat().st_size > 10_000
@@ -111,3 +111,26 @@ def test_analytic_flops_match_torchs_counter(tiny_model):
         with FlopCounterMode(display=False) as fc:
             m.decode_step(torch.ones(1, 1, dtype=torch.long), torch.full((1, 1), S - 1), k, v, ck, cv)
         assert fc.get_total_flops() == token_flops(c, S - 1)
+
+
+def test_efficiency_and_rec_sections(model_path, monkeypatch, tmp_path):
+    """Sections 6 and 7 against real servers (PyTorch backend: no export), with the load generator this machine
+    has (wrk, or the httpx fallback), then the fallback forced; the table's lines, the goals and the plot."""
+    res = bench(MODES["smoke"], str(model_path), sections=("efficiency", "rec"), mode="smoke", backends=("torch",))
+    json.loads(json.dumps(res))
+    e = res["efficiency"]
+    assert e["engine"]["throughput"] > 0 and [r["clients"] for r in e["server"]] == [2, 4]
+    assert all(r["throughput"] > 0 and r["non_2xx"] == 0 and r["cache_hits"] == 0 for r in e["server"])
+    assert all(finite(r["efficiency"]) for r in e["server"])
+    modes = res["rec"]["modes"]
+    assert list(modes) == ["4 calls, no cache", "4 calls, cache", "1 call of 4"]
+    assert all(m["questions_per_s"] > 0 for m in modes.values()) and modes["4 calls, no cache"]["vs_uncached"] == 1
+    goals = [g["goal"][:2] for g in report.goals(res)]
+    assert goals == ["6.", "6.", "6.", "7."]
+    text = report.table(res)
+    assert "6. efficiency" in text and "7. REC client" in text
+    report.plot(res, tmp_path / "bench.png")
+    monkeypatch.setattr("benchmarks.efficiency.shutil.which", lambda name: None)
+    fallback = bench(MODES["smoke"], str(model_path), sections=("efficiency",), mode="smoke", backends=("torch",))
+    assert fallback["efficiency"]["generator"].startswith("httpx")
+    assert all(r["throughput"] > 0 and r["cache_hits"] == 0 for r in fallback["efficiency"]["server"])

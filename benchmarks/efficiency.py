@@ -1,0 +1,179 @@
+"""Sections 6 and 7 of `locca bench` (issue 19): the server at the engine's speed, and a referring-expression
+client's questions.
+
+6. efficiency: caption requests, each carrying another image, at 32, 64 and 128 concurrent connections from an
+   external load generator (wrk, when it is installed: Debian's `wrk`; else this process's own closed-loop
+   httpx clients, which take CPU from the server on a small machine and are reported as such), against the
+   in-process engine on the same kind of requests: the server's worker code (model/core.py, the server's
+   scheduler settings, no cache) with every request queued at once and its image already decoded, so it
+   measures the model and the scheduler alone. Efficiency = server answers/s / engine answers/s. The server
+   runs with its defaults (the encoded-image cache on); no image is sent twice, and the cache's hit count over
+   each level is reported to show it (it must be 0).
+7. REC client: a client that asks 4 referring expressions of each image, as 4 calls to a server without the
+   encoded-image cache, as 4 calls with it, and as 1 call with `expressions` (4 of them), `clients` such
+   clients in closed loops, a new image each time: questions answered per second, and each image's time
+   until its 4th answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from model.core import EngineCore
+from model.requests import Request
+from service.launch import ROOT
+
+WRK_SCRIPT = ROOT / "loadtests" / "wrk_images.lua"
+
+
+# --- 6. efficiency ------------------------------------------------------------------------------------
+def engine_throughput(inference, tasks, config, loaded: list, rounds: int) -> dict:
+    """Captions/s of the engine core in this process: `loaded` [(pixels, size)] all queued at once, the
+    server's scheduler `config`, no clock (nothing waits for company: the queue is full from the start)."""
+    core = EngineCore(inference, tasks, config)
+    for pixels, size in loaded[: min(8, len(loaded))]:  # warm: first-call costs of each batch shape
+        core.add(Request("caption"), pixels, size)
+    core.run()
+    rates = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for pixels, size in loaded:
+            core.add(Request("caption"), pixels, size)
+        done = core.run()
+        rates.append(len(done) / (time.perf_counter() - t0))
+        assert all(f.error is None for f in done)
+    return {"requests": len(loaded), "rounds": rounds, "throughput": float(np.median(rates)),
+            "runs": [float(r) for r in rates]}
+
+
+def write_bodies(images: list[bytes], directory: Path) -> int:
+    """One JSON caption request per image, 0.json, 1.json, ... (loadtests/wrk_images.lua sends them)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, data in enumerate(images):
+        (directory / f"{i}.json").write_text(json.dumps({"image": base64.b64encode(data).decode()}))
+    return len(images)
+
+
+def wrk(url: str, connections: int, seconds: float, bodies: Path, count: int, offset: int = 0) -> dict:
+    """One wrk run (one thread: it holds hundreds of connections, and takes the least CPU from the server)."""
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "60s", "--latency",
+           "-s", str(WRK_SCRIPT), url, "--", str(bodies), str(count), str(offset)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 120).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    done = int(re.search(r"(\d+) requests in", out).group(1))
+    bad = int(re.search(r"non-2xx answers: (\d+)", out).group(1))
+
+    def pct(p: str) -> float:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+
+    return {"throughput": rate, "requests": done, "non_2xx": bad, "p50_ms": pct("50"), "p99_ms": pct("99")}
+
+
+def server_levels(server, images: list[bytes], levels, window: float, warm_s: float) -> tuple[str, list[dict]]:
+    """Caption answers/s of `server` at each number of connections, each request another image of `images`
+    (never one twice). -> (the load generator used, one row per level)."""
+    hits = lambda: server.metric("locca_encoder_cache_lookups_total", 'result="hit"')  # noqa: E731
+    rows, offset = [], 0
+    if shutil.which("wrk"):
+        with tempfile.TemporaryDirectory() as tmp:
+            count = write_bodies(images, Path(tmp))
+            for c in levels:
+                warm = wrk(f"{server.url}/v1/caption", c, warm_s, Path(tmp), count, offset)  # ramp up
+                offset += warm["requests"] + c
+                before = hits()
+                row = wrk(f"{server.url}/v1/caption", c, window, Path(tmp), count, offset)
+                offset += row["requests"] + c
+                if offset > count:
+                    raise RuntimeError(f"{count} images are too few: raise the pool (images would repeat)")
+                time.sleep(0.5)  # the worker ships its counts 4 times a second
+                rows.append({"clients": c, **row, "cache_hits": hits() - before})
+        return "wrk", rows
+    from . import serving
+    reqs = [({"image": ("scene.png", im, "image/png")}, {}) for im in images]
+    for c in levels:
+        before = hits()
+        row = serving.sweep(server.url, reqs[offset:], [c], window)[0]
+        offset += int(row["requests"] * 1.5) + 2 * c
+        time.sleep(0.5)
+        rows.append({**row, "non_2xx": 0, "cache_hits": hits() - before})
+    return "httpx (in the benchmark's process)", rows
+
+
+# --- 7. REC client ------------------------------------------------------------------------------------
+async def _rec_loop(url: str, work: list[tuple[bytes, list[str]]], clients: int, window: float, batched: bool):
+    """Closed loops: each client takes the next image, asks its expressions (one call each, in turn, or one
+    call with all of them), then takes the next. Returns the questions answered within the window (opened once
+    every client has had an answer) and the time to the last answer of each image finished in it."""
+    state = {"next": 0}
+    answers: list[float] = []                # when each question was answered
+    images: list[tuple[float, float]] = []   # (start, end) per image
+    phase: dict[str, float] = {}
+    ready: set[int] = set()
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        async def ask(i: int, data: bytes, fields: dict, questions: int) -> dict:
+            r = await http.post("/v1/refer", files={"image": ("scene.png", data, "image/png")}, data=fields)
+            if r.status_code != 200:
+                raise RuntimeError(f"{url}: {r.status_code} {r.text[:300]}")
+            end = time.perf_counter()
+            answers.extend([end] * questions)
+            ready.add(i)
+            if "start" not in phase and len(ready) == clients:
+                phase["start"], phase["end"] = end, end + window
+            return r.json()
+
+        async def client(i: int) -> None:
+            while time.perf_counter() < phase.get("end", float("inf")):
+                if state["next"] >= len(work):
+                    raise RuntimeError(f"{len(work)} images are too few for the window: raise the pool")
+                data, expressions = work[state["next"]]
+                state["next"] += 1
+                start = time.perf_counter()
+                if batched:
+                    got = (await ask(i, data, {"expressions": json.dumps(expressions)}, len(expressions)))["results"]
+                else:
+                    got = [await ask(i, data, {"expression": e}, 1) for e in expressions]
+                assert [a["expression"] for a in got] == expressions
+                images.append((start, time.perf_counter()))
+
+        await asyncio.gather(*(client(i) for i in range(clients)))
+    lat = [e - s for s, e in images if phase["start"] < e <= phase["end"]]
+    if not lat:
+        raise RuntimeError(f"no image was finished within the {window} s window: lengthen it")
+    return {"started": state["next"], "images": len(lat),
+            "questions_per_s": sum(phase["start"] < t <= phase["end"] for t in answers) / window,
+            "image_p50_ms": 1e3 * float(np.median(lat)), "image_p99_ms": 1e3 * float(np.percentile(lat, 99))}
+
+
+def rec(cached_url: str, uncached_url: str, work: list[tuple[bytes, list[str]]], clients: int, window: float,
+        rounds: int, say) -> dict:
+    """The three ways, taking turns `rounds` times (which goes first rotates); medians. Each run takes images
+    no run before it used, so the cache only ever helps within an image's own questions."""
+    modes = {"4 calls, no cache": (uncached_url, False), "4 calls, cache": (cached_url, False),
+             "1 call of 4": (cached_url, True)}
+    names, runs, used = list(modes), {m: [] for m in modes}, 0
+    for k in range(rounds):
+        for name in names[k % 3:] + names[:k % 3]:
+            url, batched = modes[name]
+            r = asyncio.run(_rec_loop(url, work[used:], clients, window, batched))
+            used += r.pop("started")
+            runs[name].append(r)
+            say(f"7. REC, {name}: {r['questions_per_s']:.1f} questions/s, image p50 {r['image_p50_ms']:.0f} ms")
+    out = {name: {key: float(np.median([r[key] for r in rs])) for key in rs[0]} for name, rs in runs.items()}
+    base = out["4 calls, no cache"]["questions_per_s"]
+    for row in out.values():
+        row["vs_uncached"] = row["questions_per_s"] / base
+    return {"clients": clients, "questions_per_image": len(work[0][1]), "rounds": rounds, "modes": out,
+            "runs": runs}
