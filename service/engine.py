@@ -89,7 +89,7 @@ class Engine:
             try:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     with tracing.phase("image decode"):
-                        pixels, size, key = await loop.run_in_executor(self.executor, self._load, image, image_size)
+                        rgb, size, key = await loop.run_in_executor(self.executor, self._load, image, image_size)
             except TimeoutError:
                 raise DeadlineExceeded("the request's deadline passed") from None
             checked = []
@@ -98,15 +98,15 @@ class Engine:
                     checked.append(validate(request, size))
                 except RequestError as e:
                     raise from_core(of_item(e, i) if many else e) from None
-            return await self.pool.run(checked, pixels, size, key, deadline)
+            return await self.pool.run(checked, rgb, size, key, deadline)
 
     def _load(self, data: bytes, image_size: int):
-        """The model's pixels, the image's size and the pixels' key (the encoded-image cache's, and the one
-        that lets a call's questions share an encoder row)."""
+        """The model's image, resized (uint8: the worker makes it the model's pixels), the image's size, and its
+        key (the encoded-image cache's, and the one that lets a call's questions share an encoder row)."""
         t0 = time.perf_counter()
         try:
-            pixels, size = images.load(data, self.limits, image_size)
-            return pixels, size, image_key(pixels)
+            rgb, size = images.load_rgb(data, self.limits, image_size)
+            return rgb, size, image_key(rgb)
         finally:
             metrics.IMAGE_SECONDS.observe(time.perf_counter() - t0)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from model.image import preprocess
+from model.image import normalize, resize
 
 from .errors import BadImage, TooLarge
 
@@ -49,7 +49,7 @@ def decode(data: bytes, limits: Limits) -> Image.Image:
                 raise TooLarge(f"the image has {w}x{h} pixels; the limit is {limits.max_pixels} pixels")
             im.load()  # the first frame of an animation or a multi-page TIFF
             try:
-                im = ImageOps.exif_transpose(im)
+                ImageOps.exif_transpose(im, in_place=True)  # (a copy of the whole image otherwise)
             except Exception:  # noqa: BLE001 (a broken EXIF block: keep the pixels as stored)
                 pass
             return to_rgb(im)
@@ -79,5 +79,12 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def load(data: bytes, limits: Limits, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Bytes -> the model's pixels (3, S, S) float32, and (width, height) of the image as displayed."""
+    rgb, size = load_rgb(data, limits, image_size)
+    return normalize(rgb), size
+
+
+def load_rgb(data: bytes, limits: Limits, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Bytes -> the model's image resized, (S, S, 3) uint8 (model/image.py: `normalize` makes it the model's
+    pixels), and (width, height) of the image as displayed."""
     im = decode(data, limits)
-    return preprocess(im, image_size), im.size
+    return resize(im, image_size), im.size

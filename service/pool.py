@@ -29,6 +29,7 @@ from model.requests import Request, Result
 
 from . import metrics, tracing, worker
 from .errors import DeadlineExceeded, Unavailable
+from .priority import Spawner
 from .worker import WorkerSpec
 
 log = logging.getLogger("locca.pool")
@@ -42,13 +43,14 @@ class WorkerDied(Exception):
 
 
 class WorkerHandle:
-    def __init__(self, slot: int, spec: WorkerSpec, loop: asyncio.AbstractEventLoop, on_message, on_exit):
+    def __init__(self, slot: int, spec: WorkerSpec, loop: asyncio.AbstractEventLoop, on_message, on_exit,
+                 spawner: Spawner):
         ctx = mp.get_context("spawn")  # never fork a process that runs threads and an event loop
         worker_inbox, self._inbox = ctx.Pipe(duplex=False)
         self._outbox, worker_outbox = ctx.Pipe(duplex=False)
         self.process = ctx.Process(target=worker.main, args=(worker_inbox, worker_outbox, spec),
                                    name=f"locca-worker-{slot}", daemon=True)
-        self.process.start()
+        spawner.run(self.process.start)  # with the server's own priority, not the front's (service/priority.py)
         worker_inbox.close()   # only the worker holds these ends now: its death closes the pipes
         worker_outbox.close()
         self.slot, self.loop, self.on_message, self.on_exit = slot, loop, on_message, on_exit
@@ -98,9 +100,11 @@ class WorkerPool:
         self._queue_depths: dict[int, int] = {}
         self._caches: dict[int, dict] = {}  # each slot's last encoded-image cache figures
         self._any_ready: asyncio.Event | None = None  # set while some worker is ready (made in `start`)
+        self.spawner: Spawner | None = None           # the thread workers are started from (made in `start`)
 
     def start(self) -> None:
         self._any_ready = asyncio.Event()
+        self.spawner = Spawner()
         for slot in range(len(self.specs)):
             self._spawn(slot)
         self._watch()
@@ -122,7 +126,8 @@ class WorkerPool:
         if self.closing:
             return
         spec = self.specs[slot]
-        self.handles[slot] = WorkerHandle(slot, spec, asyncio.get_running_loop(), self._on_message, self._on_exit)
+        self.handles[slot] = WorkerHandle(slot, spec, asyncio.get_running_loop(), self._on_message, self._on_exit,
+                                          self.spawner)
         log.info("worker started", extra={"slot": slot, "device": spec.device,
                                           "pid": self.handles[slot].process.pid})
 
@@ -210,20 +215,20 @@ class WorkerPool:
         asyncio.get_running_loop().call_later(delay, self._spawn, h.slot)
 
     # --- requests ------------------------------------------------------------------------------------
-    async def run(self, requests: list[Request], pixels: np.ndarray, size: tuple[int, int], key: bytes,
+    async def run(self, requests: list[Request], rgb: np.ndarray, size: tuple[int, int], key: bytes,
                   deadline: float) -> list[Result]:
-        """Run a call's requests (its questions on one image) on the least busy ready worker, waiting for one if
-        none is; `deadline` is on the monotonic clock. A call whose worker dies is run again, once, on the next
-        ready worker. Cancelling the caller (client gone, gRPC deadline) or passing the deadline aborts its
-        jobs in the worker; so does one of them failing."""
+        """Run a call's requests (its questions on one image, `rgb`: model/image.py `resize`) on the least busy
+        ready worker, waiting for one if none is; `deadline` is on the monotonic clock. A call whose worker dies
+        is run again, once, on the next ready worker. Cancelling the caller (client gone, gRPC deadline) or
+        passing the deadline aborts its jobs in the worker; so does one of them failing."""
         h = await self._ready_worker(deadline)
         try:
-            return await self._run_on(h, requests, pixels, size, key, deadline)
+            return await self._run_on(h, requests, rgb, size, key, deadline)
         except WorkerDied:
             metrics.REQUESTS_RETRIED.inc()
             log.warning("the worker holding a request died; queueing it again", extra={"slot": h.slot})
         try:
-            return await self._run_on(await self._ready_worker(deadline), requests, pixels, size, key, deadline)
+            return await self._run_on(await self._ready_worker(deadline), requests, rgb, size, key, deadline)
         except WorkerDied:
             raise Unavailable("the model workers serving this request died twice; retry",
                               retry_after=self.retry_after) from None
@@ -241,7 +246,7 @@ class WorkerPool:
             except TimeoutError:
                 raise DeadlineExceeded("no model worker was ready before the request's deadline") from None
 
-    async def _run_on(self, h: WorkerHandle, requests: list[Request], pixels: np.ndarray, size: tuple[int, int],
+    async def _run_on(self, h: WorkerHandle, requests: list[Request], rgb: np.ndarray, size: tuple[int, int],
                       key: bytes, deadline: float) -> list[Result]:
         if not h.jobs:
             h.heard = time.monotonic()  # an idle worker is quiet: its silence counts from now
@@ -249,7 +254,7 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         futs = [loop.create_future() for _ in ids]
         h.jobs.update(zip(ids, futs, strict=True))
-        h.send(("add", ids, requests, pixels, size, key, max(0.0, deadline - time.monotonic())))
+        h.send(("add", ids, requests, rgb, size, key, max(0.0, deadline - time.monotonic())))
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 answers = await asyncio.gather(*futs)
@@ -280,3 +285,5 @@ class WorkerPool:
             if h.process.is_alive():
                 h.process.kill()
                 await loop.run_in_executor(None, h.process.join, 5)
+        if self.spawner is not None:
+            self.spawner.close()

@@ -4,13 +4,14 @@ It loads the model into an engine core (model/core.py), warms it up, says "ready
 messages, `step()` the core (expire late requests, run one batch), send what finished.
 
 Messages, over two one-way pipes (pickled tuples):
-    server -> worker   ("add", ids, Requests, pixels, size, key, timeout_s)   ("abort", ids)   ("stop",)
+    server -> worker   ("add", ids, Requests, rgb, size, key, timeout_s)   ("abort", ids)   ("stop",)
     worker -> server   ("ready", info)   ("result", id, Result, timings)   ("error", id, ServiceError)
                        ("stats", dict); timings: the request's phases (model/core.py), spans in the server
-An "add" carries every question a call asks of its image (one request, or the expressions of a refer call
-that lists several), with the image once: they share its encoder row. key: the pixels' image_key
-(model/encoder_cache.py), computed by the server where it decoded the image.
                        ("failed", message): the model cannot be loaded; the worker exits
+An "add" carries every question a call asks of its image (one request, or the expressions of a refer call
+that lists several), with the image once: they share its encoder row. rgb: the image resized, (S, S, 3) uint8
+(model/image.py `resize`; the worker normalises it): a quarter of the bytes of float pixels to pickle. key: its
+image_key (model/encoder_cache.py), computed by the server where it decoded the image.
 An error crosses the pipe whole (its type is its REST status and gRPC code, service/errors.py).
 """
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.core import EngineCore
+from model.image import normalize
 from model.requests import Request, RequestError, of_item
 from model.scheduler import SchedulerConfig
 
@@ -113,8 +115,8 @@ class Worker:
     def handle(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "add":
-            _, ids, requests, pixels, size, key, timeout = msg
-            now = time.monotonic()
+            _, ids, requests, rgb, size, key, timeout = msg
+            now, pixels = time.monotonic(), normalize(rgb)
             for i, (job_id, request) in enumerate(zip(ids, requests, strict=True)):
                 try:
                     self.core.add(request, pixels, size, job_id, now, now + timeout, key)
