@@ -16,7 +16,7 @@ import signal
 
 import uvicorn
 
-from . import bundle, logs, tracing
+from . import bundle, logs, priority, tracing
 from .engine import Engine
 from .pool import WorkerPool
 from .settings import Settings
@@ -70,6 +70,8 @@ async def serve(settings: Settings) -> int:
     await grpc_server.start()
     rest_task = asyncio.create_task(rest.serve())
     pool.start()
+    reniced = priority.lower_threads(settings.front_nice, keep={pool.spawner.native_id})
+    log.debug("front threads reniced", extra={"threads": reniced, "increment": settings.front_nice})
     log.info("serving", extra={"rest": f"{settings.host}:{settings.port}",
                                "grpc": f"{settings.host}:{settings.grpc_port}", "backend": source.backend,
                                "model": source.path, "devices": [s.device for s in specs]})
