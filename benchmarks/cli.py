@@ -264,7 +264,7 @@ def distinct_images(n: int, offset: int) -> list[tuple[bytes, object]]:
         return [_scene_png(s) for s in seeds]
     with ProcessPoolExecutor(len(os.sched_getaffinity(0))) as pool:
         return list(tqdm(pool.map(_scene_png, seeds, chunksize=32), total=n, desc="scenes", unit="scene",
-                         leave=False))
+                         leave=False, disable=None))
 
 
 def efficiency(cfg: BenchConfig, model: str, device: str, threads: int, default, tmp: str) -> dict:
@@ -280,25 +280,28 @@ def efficiency(cfg: BenchConfig, model: str, device: str, threads: int, default,
     scenes = [generate_scene(seed) for seed in range(1_700_000_000, 1_700_000_000 + cfg.engine_requests)]
     loaded = [(preprocess(scene.image, size), scene.image.size) for scene in scenes]
     config = Settings().scheduler()
-    engine_row = eff.engine_throughput(default.inference, default.tasks, config, loaded, cfg.rounds)
-    say(f"6. engine: {engine_row['throughput']:.1f} captions/s")
+    engine = eff.Engine(default.inference, default.tasks, config, loaded)
+    rate = max(engine.round() for _ in range(2))
+    say(f"6. engine: {rate:.1f} captions/s")
     # as many images as the server could be sent at 1.25x the engine's rate, so that none is sent twice
     warm = max(1.0, cfg.saturation_window_s / 2)
     seconds = len(cfg.saturation) * (warm + max(1.0, cfg.saturation_window_s))
-    n = int(1.25 * engine_row["throughput"] * seconds) + 2 * sum(cfg.saturation)
+    n = int(1.25 * rate * seconds) + 2 * sum(cfg.saturation)
     say(f"6. making {n} more distinct scenes (no image is sent twice)")
     images = distinct_images(n, offset=1_700_000_000 + cfg.engine_requests)
     with launch(f"{tmp}/efficiency.log", model=model, backend=backend_of(default), threads=threads,
                 device=device) as server:
         generator, rows = eff.server_levels(server, [data for data, _ in images], cfg.saturation,
-                                            cfg.saturation_window_s, warm)
+                                            cfg.saturation_window_s, warm, between=engine.round)
     for r in rows:
-        r["efficiency"] = r["throughput"] / engine_row["throughput"]
+        r["engine"] = (r.pop("before") + r.pop("after")) / 2
+        r["efficiency"] = r["throughput"] / r["engine"]
         say(f"6. server, {r['clients']} connections ({generator}): {r['throughput']:.1f} captions/s = "
-            f"{100 * r['efficiency']:.0f}% of the engine, p99 {r['p99_ms']:.0f} ms, {r['non_2xx']} not 2xx, "
-            f"{r['cache_hits']:.0f} cache hits")
+            f"{100 * r['efficiency']:.0f}% of the engine's {r['engine']:.1f} around it, p99 {r['p99_ms']:.0f} ms, "
+            f"{r['non_2xx']} not 2xx, {r['cache_hits']:.0f} cache hits")
     peak = max(r["throughput"] for r in rows)
-    return {"generator": generator, "engine": engine_row, "server": rows, "scheduler": dataclasses.asdict(config),
+    return {"generator": generator, "scheduler": dataclasses.asdict(config), "server": rows,
+            "engine": {"requests": len(loaded), "throughput": float(np.median(engine.runs)), "runs": engine.runs},
             "at_most_clients_vs_peak": rows[-1]["throughput"] / peak}
 
 

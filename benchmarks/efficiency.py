@@ -6,7 +6,10 @@ client's questions.
    httpx clients, which take CPU from the server on a small machine and are reported as such), against the
    in-process engine on the same kind of requests: the server's worker code (model/core.py, the server's
    scheduler settings, no cache) with every request queued at once and its image already decoded, so it
-   measures the model and the scheduler alone. Efficiency = server answers/s / engine answers/s. The server
+   measures the model and the scheduler alone. The engine takes a turn before each level and after the last
+   (the server idle meanwhile), so that each level is compared with the engine measured just around it: on a
+   shared machine the speed of both drifts by tens of percent within minutes. Efficiency = server answers/s
+   / the mean of the engine's two turns around it. The server
    runs with its defaults (the encoded-image cache on); no image is sent twice, and the cache's hit count over
    each level is reported to show it (it must be 0).
 7. REC client: a client that asks 4 referring expressions of each image, as 4 calls to a server without the
@@ -39,23 +42,26 @@ WRK_SCRIPT = ROOT / "loadtests" / "wrk_images.lua"
 
 
 # --- 6. efficiency ------------------------------------------------------------------------------------
-def engine_throughput(inference, tasks, config, loaded: list, rounds: int) -> dict:
-    """Captions/s of the engine core in this process: `loaded` [(pixels, size)] all queued at once, the
-    server's scheduler `config`, no clock (nothing waits for company: the queue is full from the start)."""
-    core = EngineCore(inference, tasks, config)
-    for pixels, size in loaded[: min(8, len(loaded))]:  # warm: first-call costs of each batch shape
-        core.add(Request("caption"), pixels, size)
-    core.run()
-    rates = []
-    for _ in range(rounds):
+class Engine:
+    """The engine core in this process on `loaded` [(pixels, size)]: each round queues them all at once (the
+    server's scheduler `config`, no clock: nothing waits for company, the queue is full from the start) and
+    returns captions/s."""
+
+    def __init__(self, inference, tasks, config, loaded: list):
+        self.core, self.loaded = EngineCore(inference, tasks, config), loaded
+        self.runs: list[float] = []
+        for pixels, size in loaded[: min(8, len(loaded))]:  # warm: first-call costs of each batch shape
+            self.core.add(Request("caption"), pixels, size)
+        self.core.run()
+
+    def round(self) -> float:
         t0 = time.perf_counter()
-        for pixels, size in loaded:
-            core.add(Request("caption"), pixels, size)
-        done = core.run()
-        rates.append(len(done) / (time.perf_counter() - t0))
+        for pixels, size in self.loaded:
+            self.core.add(Request("caption"), pixels, size)
+        done = self.core.run()
         assert all(f.error is None for f in done)
-    return {"requests": len(loaded), "rounds": rounds, "throughput": float(np.median(rates)),
-            "runs": [float(r) for r in rates]}
+        self.runs.append(len(done) / (time.perf_counter() - t0))
+        return self.runs[-1]
 
 
 def write_bodies(images: list[bytes], directory: Path) -> int:
@@ -82,11 +88,18 @@ def wrk(url: str, connections: int, seconds: float, bodies: Path, count: int, of
     return {"throughput": rate, "requests": done, "non_2xx": bad, "p50_ms": pct("50"), "p99_ms": pct("99")}
 
 
-def server_levels(server, images: list[bytes], levels, window: float, warm_s: float) -> tuple[str, list[dict]]:
+def server_levels(server, images: list[bytes], levels, window: float, warm_s: float,
+                  between=lambda: None) -> tuple[str, list[dict]]:
     """Caption answers/s of `server` at each number of connections, each request another image of `images`
-    (never one twice). -> (the load generator used, one row per level)."""
+    (never one twice). between(): called before each level and after the last (the engine's turns), its
+    results in each row as "before" and "after". -> (the load generator used, one row per level)."""
     hits = lambda: server.metric("locca_encoder_cache_lookups_total", 'result="hit"')  # noqa: E731
-    rows, offset = [], 0
+    rows, offset, turns = [], 0, [between()]
+
+    def finish(row: dict) -> None:
+        turns.append(between())
+        rows.append({**row, "before": turns[-2], "after": turns[-1]})
+
     if shutil.which("wrk"):
         with tempfile.TemporaryDirectory() as tmp:
             count = write_bodies(images, Path(tmp))
@@ -99,7 +112,7 @@ def server_levels(server, images: list[bytes], levels, window: float, warm_s: fl
                 if offset > count:  # wrk goes round again: the cache hits below then say how often
                     print(f"warning: {count} images were too few; some were sent twice", file=sys.stderr)
                 time.sleep(0.5)  # the worker ships its counts 4 times a second
-                rows.append({"clients": c, **row, "cache_hits": hits() - before})
+                finish({"clients": c, **row, "cache_hits": hits() - before})
         return "wrk", rows
     from . import serving
     reqs = [({"image": ("scene.png", im, "image/png")}, {}) for im in images]
@@ -108,7 +121,7 @@ def server_levels(server, images: list[bytes], levels, window: float, warm_s: fl
         row = serving.sweep(server.url, reqs[offset:], [c], window)[0]
         offset += int(row["requests"] * 1.5) + 2 * c
         time.sleep(0.5)
-        rows.append({**row, "non_2xx": 0, "cache_hits": hits() - before})
+        finish({**row, "non_2xx": 0, "cache_hits": hits() - before})
     return "httpx (in the benchmark's process)", rows
 
 
