@@ -1,5 +1,5 @@
 """`locca predict`: ask a model about one image, in this process or through a running server (--url); print
-the answer as JSON, in the REST contract's shape (shared/specs/api.md), and draw it (--out).
+the answer as JSON, in the REST contract's shape (docs/api.md), and draw it (--out).
 
     locca predict scene.png --task caption
     locca predict scene.png --task caption --grounded --out grounded.png  # and the box of each object phrase

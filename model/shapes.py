@@ -1,4 +1,4 @@
-"""Shapes world: the procedural grounding data set of `shared/specs/shapes-world.md`.
+"""Shapes world: the procedural grounding data set of docs/shapes-world.md.
 
 Every scene comes with exact boxes, a caption and one referring expression per object. The default model is
 trained on it and judged on scenes from other, independently written generators, so this module follows the

@@ -125,7 +125,7 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
     app = FastAPI(title="LocCa Serve", version="1", description=(
         "LocCa (Wan et al., NeurIPS 2024): captions, referring expressions and grounded captions. Boxes are "
         "[x0, y0, x1, y1] in pixels of the image as sent, after EXIF orientation. The contract: "
-        "shared/specs/api.md; gRPC: proto/locca/v1/locca.proto on the gRPC port."))
+        "docs/api.md; gRPC: proto/locca/v1/locca.proto on the gRPC port."))
     app.add_middleware(BodyGuard, seconds=settings.body_timeout_s, buffers=engine.buffers,
                        limit=settings.max_body_bytes, retry_after=settings.retry_after_s)
     if keys := ApiKeys.from_settings(settings):

@@ -1,4 +1,4 @@
-"""The REST contract as pydantic models (shared/specs/api.md); the gRPC adapter validates its numbers with
+"""The REST contract as pydantic models (docs/api.md); the gRPC adapter validates its numbers with
 the same `*Params` models, so both transports accept exactly the same requests.
 
 Schema violations (missing field, wrong type, out of range) are 422; well-typed but unusable values (an

@@ -31,7 +31,8 @@ def server(tmp_path_factory, tiny_model, tok):
     path = tmp_path_factory.mktemp("model") / "checkpoint.safetensors"
     checkpoint.save(path, tiny_model, tok, BoxConfig(bins=64))
     s = launch.start(tmp_path_factory.mktemp("log") / "serve.log", model=path, backend="torch", threads=1,
-                     max_queue=QUEUE, max_rows=33, max_batch_size=1, retry_after_s=1, drain_timeout_s=60)
+                     max_queue=QUEUE, max_rows=33, max_batch_size=1, retry_after_s=1, drain_timeout_s=60,
+                     encoder_cache_mb=1)
     try:
         s.wait("/readyz")
         yield s
@@ -80,6 +81,42 @@ def wait_for_abort(server, before: float) -> float:
 
 def test_serve_is_a_locca_command():
     assert COMMANDS["serve"][0] == "service.cli"
+
+
+def test_the_encoded_image_cache_stays_within_its_bytes_under_a_flood_of_images(server):
+    """1 MiB holds 3 images of the tiny model (288 KiB each): 12 distinct images evict 9 or more, the bytes
+    never exceed the bound, and an image sent again within the last 3 is a hit."""
+    def lookups():
+        return {r: server.metric("locca_encoder_cache_lookups_total", f'result="{r}"') for r in ("hit", "miss")}
+
+    before, evicted = lookups(), server.metric("locca_encoder_cache_evictions_total")
+    images = [png(generate_scene(5000 + i).image) for i in range(12)]
+    with LoccaClient(server.url, retries=0) as c:
+        for data in images:
+            c.caption(data, max_new_tokens=2)
+            assert server.metric("locca_encoder_cache_bytes") <= 1 << 20
+        c.caption(images[-1], max_new_tokens=2)
+    end = time.monotonic() + 5
+    while lookups()["hit"] == before["hit"] and time.monotonic() < end:
+        time.sleep(0.1)  # worker stats arrive every 0.25 s
+    after = lookups()
+    assert after["miss"] - before["miss"] == 12 and after["hit"] - before["hit"] == 1
+    assert server.metric("locca_encoder_cache_evictions_total") - evicted >= 9
+    assert 0 < server.metric("locca_encoder_cache_bytes") <= 1 << 20
+    assert server.metric("locca_encoder_cache_entries") <= 3
+
+
+def test_a_call_with_more_questions_than_the_queue_holds_runs_alone(server, image):
+    """10 expressions against a queue of 8: admitted into an empty queue (else it could never run), 429 beside
+    other requests."""
+    expressions = [f"the shape number {i}" for i in range(10)]
+    with LoccaClient(server.url, retries=0) as c:
+        assert len(c.refer(image, expressions)) == 10
+        busy = Background(server, image, 2)
+        with pytest.raises(LoccaError) as e:
+            c.refer(image, expressions)
+        assert e.value.status == 429
+        assert busy.join() == [200, 200]
 
 
 def test_queue_full_is_429_with_retry_after_and_clients_retry(server, image):
