@@ -285,7 +285,7 @@ def efficiency(cfg: BenchConfig, model: str, device: str, threads: int, default,
     say(f"6. engine: {rate:.1f} captions/s")
     # as many images as the server could be sent at 1.25x the engine's rate, so that none is sent twice
     warm = max(1.0, cfg.saturation_window_s / 2)
-    seconds = len(cfg.saturation) * (warm + max(1.0, cfg.saturation_window_s))
+    seconds = len(cfg.saturation) * (warm + max(1.0, cfg.saturation_window_s)) + warm  # + the first warm-up
     n = int(1.25 * rate * seconds) + 2 * sum(cfg.saturation)
     say(f"6. making {n} more distinct scenes (no image is sent twice)")
     images = distinct_images(n, offset=1_700_000_000 + cfg.engine_requests)

@@ -103,6 +103,10 @@ def server_levels(server, images: list[bytes], levels, window: float, warm_s: fl
     if shutil.which("wrk"):
         with tempfile.TemporaryDirectory() as tmp:
             count = write_bodies(images, Path(tmp))
+            # first, every batch shape the levels will meet (ONNX Runtime's first call at a shape allocates):
+            # unmeasured, at the most connections
+            offset += wrk(f"{server.url}/v1/caption", max(levels), warm_s, Path(tmp), count, offset)["requests"]
+            offset += max(levels)
             for c in levels:
                 warm = wrk(f"{server.url}/v1/caption", c, warm_s, Path(tmp), count, offset)  # ramp up
                 offset += warm["requests"] + c
