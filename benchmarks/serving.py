@@ -85,9 +85,13 @@ def naive_server(model: str, threads: int, device: str, dtype: str, log_path: st
 
 def our_server(model: str, threads: int, device: str, log_path: str, workers: int = 1):
     """`locca serve` (service/launch.py): one worker (or `workers`), its default backend (ONNX Runtime) on a
-    CPU, PyTorch on a GPU (the lent GPU machines have no onnxruntime-gpu), every other setting its default."""
+    CPU, PyTorch on a GPU (the lent GPU machines have no onnxruntime-gpu), every other setting its default but
+    the encoded-image cache, off: this section's clients send the pool's 32 images round and round, which the
+    cache would serve without the encoder, unlike the naive server (and /v1/ground after /v1/caption on the
+    same scene would find it encoded). Sections 6 and 7 measure the server with the cache on."""
     backend = "onnxruntime" if device == "cpu" else "torch"
-    return launch(log_path, model=model, backend=backend, threads=threads, workers=workers, device=device)
+    return launch(log_path, model=model, backend=backend, threads=threads, workers=workers, device=device,
+                  encoder_cache_mb=0)
 
 
 def batch_counters(server: ServerProcess) -> dict[str, float]:
