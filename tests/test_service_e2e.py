@@ -6,8 +6,10 @@ import asyncio
 import base64
 import io
 import json
+import os
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -250,6 +252,26 @@ def test_many_questions_bad_input_over_grpc(server, scenes):
         with pytest.raises(grpc.RpcError) as e:
             method(request, timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details(), e.value.details()
+
+
+def nice_values(pid: int) -> list[int]:
+    """The nice value of each thread of a process (/proc/PID/task/TID/stat, field 19)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        out.append(int(stat[stat.rindex(")") + 2:].split()[16]))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux: per-thread nice values")
+def test_the_front_runs_below_its_workers_priority(server):
+    """service/priority.py: every thread of the server process but one (the one that starts workers) runs 5
+    nicer than the workers, whose threads keep the priority the server was started with."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # the test's, which the server inherited
+    front = nice_values(server.proc.pid)
+    assert front.count(base) == 1 and front.count(min(19, base + 5)) == len(front) - 1 >= 5, front
+    for pid in server.worker_pids():
+        assert set(nice_values(pid)) == {base}
 
 
 def test_request_ids(server, scenes):
