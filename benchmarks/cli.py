@@ -215,8 +215,8 @@ def batching_worker(default, onnx_dir, model: str, device: str, threads: int):
     from service.settings import Settings
 
     from .bench_server import InProcess
-    ort = default.name.startswith("ours ort")
-    return InProcess(Settings(model=str(onnx_dir if ort else model), backend="onnxruntime" if ort else "torch",
+    backend = backend_of(default)
+    return InProcess(Settings(model=str(onnx_dir if backend == "onnxruntime" else model), backend=backend,
                               threads=threads, workers=1, device=device))
 
 
@@ -242,31 +242,6 @@ def serve(cfg: BenchConfig, model: str, device: str, threads: int, pool, mcfg, t
     return out
 
 
-def _scene_png(seed: int) -> tuple[bytes, object]:
-    import io
-
-    from model.shapes import generate_scene
-    scene = generate_scene(seed)
-    buf = io.BytesIO()
-    scene.image.save(buf, "PNG")
-    return buf.getvalue(), dataclasses.replace(scene, image=None)
-
-
-def distinct_images(n: int, offset: int) -> list[tuple[bytes, object]]:
-    """n scenes from seed `offset` on (held out: training never draws seeds this high), as (PNG bytes, scene
-    without its image), made in a process per core (about 20 ms each) and kept as bytes: thousands of decoded
-    scenes would not fit in memory."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    from tqdm import tqdm
-    seeds = range(offset, offset + n)
-    if n < 64:
-        return [_scene_png(s) for s in seeds]
-    with ProcessPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-        return list(tqdm(pool.map(_scene_png, seeds, chunksize=32), total=n, desc="scenes", unit="scene",
-                         leave=False, disable=None))
-
-
 def efficiency(cfg: BenchConfig, model: str, device: str, threads: int, default, tmp: str) -> dict:
     """Section 6: the server's caption answers/s under load, each request another image, against the engine."""
     from model.image import preprocess
@@ -288,7 +263,7 @@ def efficiency(cfg: BenchConfig, model: str, device: str, threads: int, default,
     seconds = len(cfg.saturation) * (warm + max(1.0, cfg.saturation_window_s)) + warm  # + the first warm-up
     n = int(1.25 * rate * seconds) + 2 * sum(cfg.saturation)
     say(f"6. making {n} more distinct scenes (no image is sent twice)")
-    images = distinct_images(n, offset=1_700_000_000 + cfg.engine_requests)
+    images = eff.distinct_images(n, offset=1_700_000_000 + cfg.engine_requests)
     with launch(f"{tmp}/efficiency.log", model=model, backend=backend_of(default), threads=threads,
                 device=device) as server:
         generator, rows = eff.server_levels(server, [data for data, _ in images], cfg.saturation,
@@ -320,7 +295,7 @@ def rec(cfg: BenchConfig, model: str, device: str, threads: int, default, tmp: s
     from . import efficiency as eff
     n = int(cfg.rec_rounds * 3 * (cfg.rec_window_s * 100 + 4 * cfg.rec_clients))  # < 100 images/s
     say(f"7. REC client: {n} distinct scenes, 4 expressions each, {cfg.rec_clients} clients")
-    work = [(data, (scene.expressions * 4)[:4]) for data, scene in distinct_images(n, offset=1_800_000_000)]
+    work = [(data, (scene.expressions * 4)[:4]) for data, scene in eff.distinct_images(n, offset=1_800_000_000)]
     backend = backend_of(default)
     with launch(f"{tmp}/rec_cached.log", model=model, backend=backend, threads=threads, device=device) as cached, \
             launch(f"{tmp}/rec_uncached.log", model=model, backend=backend, threads=threads, device=device,

@@ -22,20 +22,26 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import io
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
+from tqdm import tqdm
 
 from model.core import EngineCore
 from model.requests import Request
+from model.shapes import generate_scene
 from service.launch import ROOT
 
 WRK_SCRIPT = ROOT / "loadtests" / "wrk_images.lua"
@@ -64,11 +70,31 @@ class Engine:
         return self.runs[-1]
 
 
-def write_bodies(images: list[bytes], directory: Path) -> int:
-    """One JSON caption request per image, 0.json, 1.json, ... (loadtests/wrk_images.lua sends them)."""
+def _scene_png(seed: int) -> tuple[bytes, object]:
+    scene = generate_scene(seed)
+    buf = io.BytesIO()
+    scene.image.save(buf, "PNG")
+    return buf.getvalue(), dataclasses.replace(scene, image=None)
+
+
+def distinct_images(n: int, offset: int) -> list[tuple[bytes, object]]:
+    """n scenes from seed `offset` on (held out: training never draws seeds this high), as (PNG bytes, scene
+    without its image), made in a process per core (about 20 ms each) and kept as bytes: thousands of decoded
+    scenes would not fit in memory."""
+    seeds = range(offset, offset + n)
+    if n < 64:
+        return [_scene_png(s) for s in seeds]
+    with ProcessPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        return list(tqdm(pool.map(_scene_png, seeds, chunksize=32), total=n, desc="scenes", unit="scene",
+                         leave=False, disable=None))
+
+
+def write_bodies(images: list[bytes], directory: Path, **fields) -> int:
+    """One JSON caption request per image (with `fields` besides), 0.json, 1.json, ... (loadtests/wrk_images.lua
+    sends them)."""
     directory.mkdir(parents=True, exist_ok=True)
     for i, data in enumerate(images):
-        (directory / f"{i}.json").write_text(json.dumps({"image": base64.b64encode(data).decode()}))
+        (directory / f"{i}.json").write_text(json.dumps({"image": base64.b64encode(data).decode(), **fields}))
     return len(images)
 
 

@@ -1,17 +1,17 @@
 """Request bodies for wrk (loadtests/wrk_images.lua): held-out shapes-world scenes as JSON caption requests, one
 file each, so that an external load generator sends a different image with every request.
 
-    .venv/bin/python loadtests/wrk_bodies.py --out /tmp/wrk --count 64
-    wrk -t2 -c64 -d20s -s loadtests/wrk_images.lua http://127.0.0.1:8000/v1/caption -- /tmp/wrk 64
+    .venv/bin/python loadtests/wrk_bodies.py --out /tmp/wrk --count 4000
+    wrk -t1 -c64 -d20s -s loadtests/wrk_images.lua http://127.0.0.1:8000/v1/caption -- /tmp/wrk 4000
+
+The scenes are made as `locca bench` section 6 makes them (benchmarks/efficiency.py: a process per core, kept
+as PNG bytes), about 20 ms each.
 """
 
 import argparse
-import base64
-import io
-import json
 from pathlib import Path
 
-from model.heldout import heldout_scenes
+from benchmarks.efficiency import distinct_images, write_bodies
 
 
 def main() -> None:
@@ -20,16 +20,10 @@ def main() -> None:
     p.add_argument("--count", type=int, default=64, help="how many scenes (default 64)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="sent with every request (default: none)")
     args = p.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, scene in enumerate(heldout_scenes(args.count, offset=1_900_000_000)):
-        buf = io.BytesIO()
-        scene.image.save(buf, "PNG")
-        body = {"image": base64.b64encode(buf.getvalue()).decode()}
-        if args.max_new_tokens:
-            body["max_new_tokens"] = args.max_new_tokens
-        (out / f"{i}.json").write_text(json.dumps(body))
-    print(f"wrote {args.count} bodies to {out}")
+    fields = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else {}
+    images = [data for data, _ in distinct_images(args.count, offset=1_900_000_000)]
+    write_bodies(images, Path(args.out), **fields)
+    print(f"wrote {args.count} bodies to {args.out}")
 
 
 if __name__ == "__main__":

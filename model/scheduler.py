@@ -206,11 +206,14 @@ class Scheduler:
         free = self.max_rows - sum(j.width for j in self.running)
         take: list[Job] = []
         index: dict = {}  # a taken image's key -> its place in this prefill's images
+        images: list[np.ndarray] = []
         for job in self._candidates(now):
             if (job.key not in index and len(index) == self.max_batch) or job.width > free:
                 break
             take.append(job)
-            index.setdefault(job.key, len(index))
+            if job.key not in index:
+                index[job.key] = len(images)
+                images.append(job.pixels)
             free -= job.width
         if not take:
             return None
@@ -226,11 +229,8 @@ class Scheduler:
             self.stats.queue_waits.append(now - job.arrival)
         self.stats.prefill_sizes.append(len(index))
         base = self.rows if self.running else 0
-        first = {}  # each image's first job: its pixels
-        for job in take:
-            first.setdefault(job.key, job)
         queries = [dataclasses.replace(j.search.query, image=index[j.key]) for j in take]
-        return Prefill(take, np.stack([j.pixels for j in first.values()]), list(first), queries, base)
+        return Prefill(take, np.stack(images), list(index), queries, base)
 
     def next_wakeup(self, now: float) -> float | None:
         """Seconds until the scheduler has something to do without new input (None: nothing pending)."""

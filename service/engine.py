@@ -19,20 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from model.config import SIZES
 from model.encoder_cache import image_key
-from model.requests import (
-    API_CALLS,
-    MAX_QUESTIONS,
-    MAX_REGIONS,
-    Request,
-    RequestError,
-    Result,
-    of_item,
-    validate,
-)
+from model.requests import API_CALLS, MAX_REGIONS, Request, RequestError, Result, of_item, validate
 
 from . import images, metrics, tracing
 from .body import Buffers
-from .errors import DeadlineExceeded, InvalidRequest, QueueFull, Unavailable, from_core
+from .errors import DeadlineExceeded, QueueFull, Unavailable, from_core
 from .pool import WorkerPool
 from .settings import Settings
 
@@ -77,10 +68,8 @@ class Engine:
     async def _run(self, image: bytes, timeout: float | None, requests: list[Request],
                    many: bool = False) -> list[Result]:
         """Admit, decode the image, validate each request against it (model/requests.py validate: the one place,
-        before anything is queued; a call's questions are named by their place in it), and run them on a
-        worker, together: they share the image's encoder pass."""
-        if many and not 1 <= len(requests) <= MAX_QUESTIONS:
-            raise InvalidRequest(f"a call asks 1 to {MAX_QUESTIONS} questions of its image, not {len(requests)}")
+        before anything is queued; a call's questions, 1 to MAX_QUESTIONS as the transports' schemas allow, are
+        named by their place in it), and run them on a worker, together: they share the image's encoder pass."""
         limit = self.settings.request_timeout_s if timeout is None else min(timeout, self.settings.request_timeout_s)
         deadline = time.monotonic() + limit
         with self._admit(len(requests)):

@@ -106,10 +106,10 @@ class LoccaServicer(pb_grpc.LocCaServicer):
 
     async def Refer(self, request, context):
         async def work(timeout):
-            many = list(request.expressions) or None
-            p = _params(ReferParams, expression=request.expression if many is None else request.expression or None,
+            many = list(request.expressions) or None  # proto3: an unset string is "", a list's absence empty
+            p = _params(ReferParams, expression=(request.expression or None) if many else request.expression,
                         expressions=many)
-            result = await self.engine.refer(request.image, p.expression if many is None else p.expressions, timeout)
+            result = await self.engine.refer(request.image, p.expressions or p.expression, timeout)
             with tracing.phase("response"):
                 return to_pb(result, p.expressions)
         return await self._call(context, "Refer", work, request)

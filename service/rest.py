@@ -185,7 +185,7 @@ def build_app(engine: Engine, settings: Settings) -> FastAPI:
               summary="Find the box a referring expression names, or the box of each of several expressions")
     async def refer(request: Request):
         p, image = await read_request(request, api.ReferRequest, api.ReferParams, limit)
-        work = engine.refer(image, p.expression if p.expressions is None else p.expressions, client_timeout(request))
+        work = engine.refer(image, p.expressions or p.expression, client_timeout(request))
         return await answer(request, p, image, "refer", work)
 
     @app.post("/v1/ground", response_model=api.GroundResponse, responses={**ERRORS, **PNG},
