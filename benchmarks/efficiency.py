@@ -24,6 +24,7 @@ import asyncio
 import base64
 import dataclasses
 import io
+import itertools
 import json
 import os
 import re
@@ -68,6 +69,27 @@ class Engine:
         assert all(f.error is None for f in done)
         self.runs.append(len(done) / (time.perf_counter() - t0))
         return self.runs[-1]
+
+    def closed(self, concurrency: int, seconds: float) -> float:
+        """The same requests with `concurrency` of them in flight, as a server's clients keep them: a new one as
+        each finishes, stepped with the clock as the server's worker steps it (its max_wait applies). Captions/s
+        over `seconds`, counted from the first `concurrency` answers on; no HTTP, pipes or image decoding."""
+        images = itertools.cycle(self.loaded)
+        add = lambda now: self.core.add(Request("caption"), *next(images), now=now)  # noqa: E731
+        for _ in range(concurrency):
+            add(time.monotonic())
+        done, t0 = -concurrency, None
+        while t0 is None or time.perf_counter() - t0 < seconds:
+            now = time.monotonic()
+            for f in self.core.step(now):
+                assert f.error is None, f.error
+                done += 1
+                add(now)
+            if t0 is None and done >= 0:
+                done, t0 = 0, time.perf_counter()
+        rate = done / (time.perf_counter() - t0)
+        self.core.run()  # the rest, unmeasured
+        return rate
 
 
 def _scene_png(seed: int) -> tuple[bytes, object]:

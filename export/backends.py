@@ -46,9 +46,10 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def load_inference(path: str | Path, backend: str = "torch", device: str = "cpu", threads: int | None = None,
-                   dtype: str | None = None) -> Loaded:
+                   dtype: str | None = None, spin: bool = True) -> Loaded:
     """device: "cpu" or "cuda[:i]" (torch); "cpu", "cuda[:i]", "tensorrt[:i]" or "auto" (onnxruntime).
-    dtype: torch only, "fp32" (default), "bf16" or "fp16"; an ONNX bundle's precision is fixed at export."""
+    dtype: torch only, "fp32" (default), "bf16" or "fp16"; an ONNX bundle's precision is fixed at export.
+    spin: onnxruntime only, whether its pool threads spin-wait (export/onnx_backend.py `session_options`)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
@@ -67,15 +68,15 @@ def load_inference(path: str | Path, backend: str = "torch", device: str = "cpu"
         return Loaded(inf, bundle.tok, bundle.tasks, bundle.model.cfg, "torch", str(inf.device), bundle.meta)
     if dtype is not None:
         raise ValueError("an ONNX bundle's precision is chosen at export (locca export --precision)")
-    return load_onnx(path, device=device, threads=threads)
+    return load_onnx(path, device=device, threads=threads, spin=spin)
 
 
-def load_onnx(path: str | Path, device: str = "cpu", threads: int | None = None) -> Loaded:
+def load_onnx(path: str | Path, device: str = "cpu", threads: int | None = None, spin: bool = True) -> Loaded:
     """An exported bundle on ONNX Runtime, verified against its manifest before a session is built."""
     from .onnx_backend import OnnxInference  # noqa: PLC0415 (onnxruntime is imported only when asked for)
 
     bundle = read_bundle(path)
-    inf = OnnxInference(bundle, device, threads)
+    inf = OnnxInference(bundle, device, threads, spin=spin)
     tok = LoccaTokenizer.load(bundle.dir / "tokenizer.json")
     tasks = Tasks(tok, BoxCodec(bundle.box, tok.loc_offset))
     meta = {**bundle.meta, "precision": bundle.manifest.get("precision")}

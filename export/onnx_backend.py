@@ -61,13 +61,20 @@ def providers_for(kind: str, index: int, trt_options: dict | None = None) -> lis
             "CPUExecutionProvider"]
 
 
-def session_options(threads: int | None = None, inter_threads: int | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, inter_threads: int | None = None,
+                    spin: bool = True) -> ort.SessionOptions:
+    """spin: whether ONNX Runtime's pool threads spin-wait for work between parallel sections (its default). A
+    few per cent faster on cores of their own; on cores shared with other busy threads (a server's HTTP and
+    image decoding) they burn the CPU those need: the server turns it off (service/settings.py)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # fusions: LayerNorm, Gelu, MatMul+scale
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # the graphs are one chain: nothing to run in parallel
     so.intra_op_num_threads = threads or 0   # 0: onnxruntime's default (one per physical core)
     so.inter_op_num_threads = inter_threads or 0
     so.log_severity_level = 3
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return so
 
 
@@ -121,20 +128,20 @@ class OnnxInference:
     GPU code path is tested without a GPU). cpu_graph: step through decoder_cpu.onnx (default: on CPU when
     the bundle has it; False: decoder.onnx, as on GPUs). trt_options: TensorRT EP options per graph,
     {"encoder": {...}, "decoder": {...}} (default: export/trt_options.py's profiles, fp16 and engine cache for
-    this bundle).
+    this bundle). spin: `session_options`.
     """
 
     name = "onnxruntime"
 
     def __init__(self, bundle: OnnxBundle | str | Path, device: str = "cpu", threads: int | None = None,
                  inter_threads: int | None = None, trt_options: dict | None = None,
-                 io_binding: bool | None = None, cpu_graph: bool | None = None):
+                 io_binding: bool | None = None, cpu_graph: bool | None = None, spin: bool = True):
         self.bundle = bundle if isinstance(bundle, OnnxBundle) else read_bundle(bundle)
         self.cfg: ModelConfig = self.bundle.cfg
         self.kind, self.index = resolve_device(device)
         if self.kind == "tensorrt" and trt_options is None:
             trt_options = trt_provider_options(self.bundle)
-        so = session_options(threads, inter_threads)
+        so = session_options(threads, inter_threads, spin)
         bind = self.kind != "cpu" if io_binding is None else io_binding
         # CPU: the fused graph where the bundle has one (not when IOBinding of the GPU path is asked for: tests)
         has = self.kind == "cpu" and not bind and CPU_DECODER in self.bundle.manifest["files"]

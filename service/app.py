@@ -34,11 +34,14 @@ class _Uvicorn(uvicorn.Server):
 
 
 def worker_specs(settings: Settings, source: bundle.Source) -> list[WorkerSpec]:
-    return [WorkerSpec(index=i, model=source.path, backend=source.backend, device=device, threads=settings.threads,
-                       scheduler=settings.scheduler(), cache_bytes=settings.encoder_cache_mb << 20,
+    devices = bundle.devices(settings)
+    threads = bundle.worker_threads(settings, devices)
+    return [WorkerSpec(index=i, model=source.path, backend=source.backend, device=device, threads=threads,
+                       spin_wait=settings.spin_wait, scheduler=settings.scheduler(),
+                       cache_bytes=settings.encoder_cache_mb << 20,
                        warmup=settings.warmup, log_level=settings.log_level,
                        log_json=settings.log_json, parent_pid=os.getpid())
-            for i, device in enumerate(bundle.devices(settings))]
+            for i, device in enumerate(devices)]
 
 
 async def serve(settings: Settings) -> int:

@@ -44,7 +44,8 @@ class WorkerSpec:
     model: str
     backend: str
     device: str
-    threads: int
+    threads: int            # intra-op threads (service/bundle.py worker_threads); 0: the backend's default
+    spin_wait: bool         # ONNX Runtime's pool threads spin between parallel sections (service/settings.py)
     scheduler: SchedulerConfig
     cache_bytes: int        # the encoded-image cache's bound (model/encoder_cache.py); 0: none
     warmup: bool
@@ -63,7 +64,7 @@ def main(inbox, outbox, spec: WorkerSpec) -> None:
 
     t0 = time.perf_counter()
     try:
-        loaded = load_inference(spec.model, spec.backend, spec.device, spec.threads or None)
+        loaded = load_inference(spec.model, spec.backend, spec.device, spec.threads or None, spin=spec.spin_wait)
         worker = Worker(EngineCore(loaded.inference, loaded.tasks, spec.scheduler, cache_bytes=spec.cache_bytes),
                         inbox, outbox, spec.parent_pid)
         if spec.warmup:
@@ -74,7 +75,7 @@ def main(inbox, outbox, spec: WorkerSpec) -> None:
                                f"{type(e).__name__}: {e}"))
         raise SystemExit(3) from None
     info = {"backend": loaded.backend, "device": loaded.device, "config": dataclasses.asdict(loaded.cfg),
-            "meta": loaded.meta, "pid": os.getpid()}
+            "meta": loaded.meta, "pid": os.getpid(), "threads": spec.threads, "spin_wait": spec.spin_wait}
     log.info("worker ready", extra={"seconds": round(time.perf_counter() - t0, 2), **info})
     outbox.send(("ready", info))
     worker.loop()
