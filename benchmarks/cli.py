@@ -268,15 +268,20 @@ def efficiency(cfg: BenchConfig, model: str, device: str, threads: int, default,
                 device=device) as server:
         generator, rows = eff.server_levels(server, [data for data, _ in images], cfg.saturation,
                                             cfg.saturation_window_s, warm, between=engine.round)
-    for r in rows:
+    turns_cpu = engine.cpu_ms[-(len(rows) + 1):]  # the engine's turns around the levels, in order
+    for i, r in enumerate(rows):
         r["engine"] = (r.pop("before") + r.pop("after")) / 2
+        r["engine_cpu_ms"] = (turns_cpu[i] + turns_cpu[i + 1]) / 2
         r["efficiency"] = r["throughput"] / r["engine"]
         say(f"6. server, {r['clients']} connections ({generator}): {r['throughput']:.1f} captions/s = "
             f"{100 * r['efficiency']:.0f}% of the engine's {r['engine']:.1f} around it, p99 {r['p99_ms']:.0f} ms, "
-            f"{r['non_2xx']} not 2xx, {r['cache_hits']:.0f} cache hits")
+            f"{r['non_2xx']} not 2xx, {r['cache_hits']:.0f} cache hits; CPU ms per answer: front "
+            f"{r['front_cpu_ms']:.2f} ({r['front_cores']:.2f} cores), worker {r['worker_cpu_ms']:.2f} "
+            f"({r['worker_cores']:.2f} cores), the engine {r['engine_cpu_ms']:.2f}")
     peak, best = max(r["throughput"] for r in rows), max(r["efficiency"] for r in rows)
     return {"generator": generator, "scheduler": dataclasses.asdict(config), "server": rows,
-            "engine": {"requests": len(loaded), "throughput": float(np.median(engine.runs)), "runs": engine.runs},
+            "engine": {"requests": len(loaded), "throughput": float(np.median(engine.runs)), "runs": engine.runs,
+                       "cpu_ms": engine.cpu_ms},
             "at_most_clients_vs_peak": rows[-1]["throughput"] / peak,
             # the same with each level's answers/s taken relative to the engine around it: the machine's drift out
             "at_most_clients_vs_peak_of_engine": rows[-1]["efficiency"] / best}

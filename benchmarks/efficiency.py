@@ -24,7 +24,6 @@ import asyncio
 import base64
 import dataclasses
 import io
-import itertools
 import json
 import os
 import re
@@ -57,39 +56,20 @@ class Engine:
     def __init__(self, inference, tasks, config, loaded: list):
         self.core, self.loaded = EngineCore(inference, tasks, config), loaded
         self.runs: list[float] = []
+        self.cpu_ms: list[float] = []  # CPU milliseconds per answer of each round (this process: the engine)
         for pixels, size in loaded[: min(8, len(loaded))]:  # warm: first-call costs of each batch shape
             self.core.add(Request("caption"), pixels, size)
         self.core.run()
 
     def round(self) -> float:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for pixels, size in self.loaded:
             self.core.add(Request("caption"), pixels, size)
         done = self.core.run()
         assert all(f.error is None for f in done)
         self.runs.append(len(done) / (time.perf_counter() - t0))
+        self.cpu_ms.append(1e3 * (time.process_time() - c0) / len(done))
         return self.runs[-1]
-
-    def closed(self, concurrency: int, seconds: float) -> float:
-        """The same requests with `concurrency` of them in flight, as a server's clients keep them: a new one as
-        each finishes, stepped with the clock as the server's worker steps it (its max_wait applies). Captions/s
-        over `seconds`, counted from the first `concurrency` answers on; no HTTP, pipes or image decoding."""
-        images = itertools.cycle(self.loaded)
-        add = lambda now: self.core.add(Request("caption"), *next(images), now=now)  # noqa: E731
-        for _ in range(concurrency):
-            add(time.monotonic())
-        done, t0 = -concurrency, None
-        while t0 is None or time.perf_counter() - t0 < seconds:
-            now = time.monotonic()
-            for f in self.core.step(now):
-                assert f.error is None, f.error
-                done += 1
-                add(now)
-            if t0 is None and done >= 0:
-                done, t0 = 0, time.perf_counter()
-        rate = done / (time.perf_counter() - t0)
-        self.core.run()  # the rest, unmeasured
-        return rate
 
 
 def _scene_png(seed: int) -> tuple[bytes, object]:
@@ -136,13 +116,44 @@ def wrk(url: str, connections: int, seconds: float, bodies: Path, count: int, of
     return {"throughput": rate, "requests": done, "non_2xx": bad, "p50_ms": pct("50"), "p99_ms": pct("99")}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used, all its threads (/proc, Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """The CPU the server's own process (the front: HTTP, image decoding, pipes) and its model workers use over
+    a window, per answer: where a request's CPU goes, beside the engine's (`Engine.cpu_ms`)."""
+
+    def __init__(self, server):
+        self.server, self.pids = server, {"front": [server.proc.pid], "worker": server.worker_pids()}
+
+    def answered(self) -> float:
+        """Requests the server has answered, every endpoint and status (locca_requests_total)."""
+        return sum(float(line.rsplit(" ", 1)[1]) for line in self.server.get("/metrics").text.splitlines()
+                   if line.startswith("locca_requests_total{"))
+
+    def start(self) -> None:
+        self.n0 = self.answered()
+        self.c0 = {k: sum(map(cpu_seconds, pids)) for k, pids in self.pids.items()}
+
+    def stop(self, window: float) -> dict:
+        """Since `start`: CPU ms per answer (the answers the server counted, those still in flight when the load
+        generator stopped included) and cores busy over the load generator's `window` seconds."""
+        used = {k: sum(map(cpu_seconds, pids)) - self.c0[k] for k, pids in self.pids.items()}
+        answers = max(self.answered() - self.n0, 1)
+        return {**{f"{k}_cpu_ms": 1e3 * v / answers for k, v in used.items()},
+                **{f"{k}_cores": v / window for k, v in used.items()}}
+
+
 def server_levels(server, images: list[bytes], levels, window: float, warm_s: float,
                   between=lambda: None) -> tuple[str, list[dict]]:
     """Caption answers/s of `server` at each number of connections, each request another image of `images`
     (never one twice). between(): called before each level and after the last (the engine's turns), its
     results in each row as "before" and "after". -> (the load generator used, one row per level)."""
     hits = lambda: server.metric("locca_encoder_cache_lookups_total", 'result="hit"')  # noqa: E731
-    rows, offset, turns = [], 0, [between()]
+    rows, offset, turns, meter = [], 0, [between()], CpuMeter(server)
 
     def finish(row: dict) -> None:
         turns.append(between())
@@ -159,21 +170,23 @@ def server_levels(server, images: list[bytes], levels, window: float, warm_s: fl
                 warm = wrk(f"{server.url}/v1/caption", c, warm_s, Path(tmp), count, offset)  # ramp up
                 offset += warm["requests"] + c
                 before = hits()
+                meter.start()
                 row = wrk(f"{server.url}/v1/caption", c, window, Path(tmp), count, offset)
                 offset += row["requests"] + c
                 if offset > count:  # wrk goes round again: the cache hits below then say how often
                     print(f"warning: {count} images were too few; some were sent twice", file=sys.stderr)
                 time.sleep(0.5)  # the worker ships its counts 4 times a second
-                finish({"clients": c, **row, "cache_hits": hits() - before})
+                finish({"clients": c, **row, "cache_hits": hits() - before, **meter.stop(window)})
         return "wrk", rows
     from . import serving
     reqs = [({"image": ("scene.png", im, "image/png")}, {}) for im in images]
     for c in levels:
         before = hits()
+        meter.start()
         row = serving.sweep(server.url, reqs[offset:], [c], window)[0]
         offset += int(row["requests"] * 1.5) + 2 * c
         time.sleep(0.5)
-        finish({**row, "non_2xx": 0, "cache_hits": hits() - before})
+        finish({**row, "non_2xx": 0, "cache_hits": hits() - before, **meter.stop(window)})
     return "httpx (in the benchmark's process)", rows
 
 

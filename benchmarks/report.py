@@ -151,6 +151,12 @@ def table(res: dict) -> str:
         lines += [f"   {r['clients']:>11}{r['throughput']:>10.1f}{r.get('engine', e['engine']['throughput']):>10.1f}"
                   f"{100 * r['efficiency']:>10.0f}%{r['p50_ms']:>9.0f}{r['p99_ms']:>9.0f}{r['non_2xx']:>9}"
                   f"{r['cache_hits']:>12.0f}" for r in e["server"]]
+        if "front_cpu_ms" in e["server"][0]:  # where an answer's CPU goes (runs before 2026-12-02 lack it)
+            lines += ["   CPU ms per answer (cores busy): the server's front (HTTP, image decoding, pipes), its "
+                      "worker, and the engine alone",
+                      f"   {'connections':>11}{'front':>16}{'worker':>16}{'engine':>9}"]
+            lines += [f"   {r['clients']:>11}{r['front_cpu_ms']:>9.2f} ({r['front_cores']:.2f}){r['worker_cpu_ms']:>9.2f}"
+                      f" ({r['worker_cores']:.2f}){r['engine_cpu_ms']:>9.2f}" for r in e["server"]]
     if "rec" in res:
         r = res["rec"]
         lines += ["", f"7. REC client: {r['questions_per_image']} expressions per image, {r['clients']} clients, "

@@ -3,6 +3,7 @@ and the analytic FLOPs against torch's own counter. No timing is asserted: so sh
 
 import json
 import math
+import os
 import threading
 import time
 
@@ -122,13 +123,16 @@ def test_efficiency_and_rec_sections(model_path, monkeypatch, tmp_path):
     assert e["engine"]["throughput"] > 0 and [r["clients"] for r in e["server"]] == [2, 4]
     assert all(r["throughput"] > 0 and r["non_2xx"] == 0 and r["cache_hits"] == 0 for r in e["server"])
     assert all(finite(r["efficiency"]) for r in e["server"])
+    # where an answer's CPU went: the server's process and its worker both worked, as did the engine
+    assert all(r["front_cpu_ms"] > 0 and r["worker_cpu_ms"] > 0 and r["engine_cpu_ms"] > 0 for r in e["server"])
+    assert all(0 < r["worker_cores"] < len(os.sched_getaffinity(0)) + 0.5 for r in e["server"])
     modes = res["rec"]["modes"]
     assert list(modes) == ["4 calls, no cache", "4 calls, cache", "1 call of 4"]
     assert all(m["questions_per_s"] > 0 for m in modes.values()) and modes["4 calls, no cache"]["vs_uncached"] == 1
     goals = [g["goal"][:2] for g in report.goals(res)]
     assert goals == ["6.", "6.", "6.", "7."]
     text = report.table(res)
-    assert "6. efficiency" in text and "7. REC client" in text
+    assert "6. efficiency" in text and "7. REC client" in text and "CPU ms per answer" in text
     report.plot(res, tmp_path / "bench.png")
     monkeypatch.setattr("benchmarks.efficiency.shutil.which", lambda name: None)
     fallback = bench(MODES["smoke"], str(model_path), sections=("efficiency",), mode="smoke", backends=("torch",))
