@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import orjson
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
@@ -44,12 +45,7 @@ async def read_request(request: Request, full: type[BaseModel], params: type[Bas
     body = await read_body(request, limit)
     try:
         if media == "application/json":
-            try:
-                data = json.loads(body)
-            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
-                raise InvalidRequest(f"the body is not valid JSON: {e}") from None
-            except RecursionError:
-                raise InvalidRequest("the body is not valid JSON: nested too deeply") from None
+            data = parse_json(body)
             if not isinstance(data, dict):
                 raise InvalidRequest("the body must be a JSON object")
             req = full.model_validate(data)
@@ -70,6 +66,22 @@ async def read_request(request: Request, full: type[BaseModel], params: type[Bas
         return params.model_validate(fields), data
     except ValidationError as e:
         raise InvalidRequest(_explain(e)) from None
+
+
+def parse_json(body: bytes):
+    """A JSON body -> its value. orjson first: 5x the standard library on a 300 KB base64 image, on the event
+    loop. What it refuses goes to the standard library, whose answers stay the API's: NaN is read (and then
+    refused as a box, 400 bad_box), and its errors are the messages clients see."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(body)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise InvalidRequest(f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequest("the body is not valid JSON: nested too deeply") from None
 
 
 def _explain(e: ValidationError) -> str:

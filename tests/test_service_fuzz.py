@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from pydantic import ValidationError
 from starlette.requests import Request
 
 from model.requests import RequestError, check_box
@@ -200,3 +201,74 @@ def test_seeds_decode():
         _, size = images.load(data, LIMITS, 32)
         assert size == (48, 32)
     assert len({Image.open(io.BytesIO(d)).format for d in SEEDS}) == len(images.FORMATS)
+
+
+# --- the fast parsers answer as the standard library's ------------------------------------------------------
+# The REST path reads JSON with orjson and base64 with pybase64 (speed, on the event loop); what they accept
+# and what they refuse must be what the standard library accepts and refuses, with the same values. One
+# difference, by design: orjson reads an integer beyond 64 bits as a float, and every integer field of the API
+# is bounded far below that, so such a value is 422 either way (test below).
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1) | st.floats(allow_nan=True) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20)
+
+
+def _same(a, b) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN == NaN, 1 != 1.0, as written
+
+
+@FUZZ
+@given(JSON_VALUES, st.booleans())
+def test_a_json_body_reads_as_the_standard_library_reads_it(value, pretty):
+    from service.body import parse_json
+    body = json.dumps(value, indent=2 if pretty else None).encode()
+    assert _same(parse_json(body), json.loads(body))
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_bytes_that_are_not_json_are_refused_as_the_standard_library_refuses_them(body):
+    from service.body import parse_json
+    from service.errors import InvalidRequest
+    try:
+        expected = json.loads(body)
+    except (ValueError, RecursionError):
+        with pytest.raises(InvalidRequest, match="not valid JSON"):
+            parse_json(body)
+    else:
+        assert _same(parse_json(body), expected)
+
+
+@FUZZ
+@given(st.binary(max_size=2000), st.sampled_from(["", "data:image/png;base64,"]), st.sampled_from([0, 76]))
+def test_base64_decodes_as_the_standard_library_decodes_it(data, prefix, wrap):
+    import base64
+    text = base64.b64encode(data).decode()
+    if wrap:  # MIME-style line breaks
+        text = "\n".join(text[i:i + wrap] for i in range(0, len(text), wrap))
+    assert api.b64_image(prefix + text) == data
+
+
+@FUZZ
+@given(st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n -_é", max_size=40))
+def test_text_that_is_not_base64_is_refused_as_the_standard_library_refuses_it(text):
+    import base64
+    import binascii
+    import re
+    try:
+        expected = base64.b64decode(re.sub(r"\s+", "", text), validate=True)
+    except (binascii.Error, ValueError):
+        with pytest.raises(ServiceError, match="not valid base64"):
+            api.b64_image(text)
+    else:
+        assert api.b64_image(text) == expected
+
+
+def test_an_integer_beyond_64_bits_in_an_integer_field_is_refused_either_way():
+    from service.body import parse_json
+    body = b'{"image": "", "max_new_tokens": 100000000000000000000000}'
+    for data in (parse_json(body), json.loads(body)):  # a float from orjson, an int from the standard library
+        with pytest.raises(ValidationError) as e:
+            api.CaptionRequest.model_validate(data)
+        assert "max_new_tokens" in str(e.value)
