@@ -198,6 +198,15 @@ def test_io_binding_path_equals_numpy_path(exported):
         close(a, b, 1e-6)
 
 
+def test_two_threads_without_spin_waiting_answer_as_with_it(exported):
+    """The server's sessions (spin_wait off, service/settings.py) compute what onnxruntime's defaults compute."""
+    _, o, d = exported
+    spin, calm = (OnnxInference(d / "onnx", threads=2, spin=s) for s in (True, False))
+    px = pixels(o.cfg, 2, seed=8)
+    for a, b in zip(select_merge_story(spin, px), select_merge_story(calm, px), strict=True):
+        close(a, b, 1e-6)
+
+
 def test_split_and_join_of_encoded_images_on_both_memory_paths(exported):
     """The encoded-image cache's two calls (model/encoder_cache.py): per-image parts that own their memory and
     are joined back in any order, equal to the batch's images, on numpy arrays and on OrtValues (IOBinding)."""

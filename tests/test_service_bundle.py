@@ -77,17 +77,12 @@ def test_a_cpu_worker_leaves_a_core_to_the_front_unless_told_otherwise():
     assert worker_threads(Settings(threads=3), ["cpu"], cores=2) == 3            # --threads wins
 
 
-def test_the_server_turns_onnxruntimes_spin_waiting_off_and_answers_the_same():
-    import numpy as np
-
-    from export.onnx_backend import OnnxInference, session_options
+def test_the_server_turns_onnxruntimes_spin_waiting_off():
+    from export.onnx_backend import session_options
     from service.settings import Settings
     assert Settings().spin_wait is False
     assert session_options(1, spin=False).get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert session_options(1, spin=False).get_session_config_entry("session.inter_op.allow_spinning") == "0"
     with pytest.raises(RuntimeError, match="does not have"):  # onnxruntime's own default elsewhere (benchmarks)
         session_options(1).get_session_config_entry("session.intra_op.allow_spinning")
-    pixels = np.random.default_rng(0).uniform(-1, 1, (2, 3, 128, 128)).astype(np.float32)
-    spin, calm = (OnnxInference("models/locca-tiny-shapes/onnx", threads=2, spin=s) for s in (True, False))
-    a, b = spin.encode(pixels), calm.encode(pixels)
-    np.testing.assert_array_equal(a.k[0], b.k[0])
+    # (that a session without spinning answers as one with it: tests/test_export.py)
