@@ -142,13 +142,15 @@ class BeamSearch:
         self.src: list[int] = []    # after `advance`: the row of those logits each next beam continues
         self.done = False
 
-    def advance(self, logits: np.ndarray) -> bool:
-        """One step: read this query's rows of `logits` (R, V), pick the next beams. False once done."""
-        return self._greedy(logits[self.rows[0]]) if self.width == 1 else self._beams(logits)
+    def advance(self, logp: np.ndarray) -> bool:
+        """One step: read this query's rows of `logp` (R, V), the step's log-probabilities (`log_softmax` of the
+        model's logits, which the scheduler takes once for the whole batch: row for row the same numbers as one
+        row at a time), and pick the next beams. False once done."""
+        return self._greedy(logp[self.rows[0]]) if self.width == 1 else self._beams(logp)
 
-    def _beams(self, logits: np.ndarray) -> bool:
+    def _beams(self, logp: np.ndarray) -> bool:
         W, tok = self.width, self.grammar.tok
-        logp = log_softmax(logits[self.rows])  # (W, V)
+        logp = logp[self.rows]  # (W, V)
         mask = np.stack([self.grammar.allowed(s) for s in self.states])
         block = (np.where(mask, logp, -np.inf) + self.scores[:, None]).ravel()
         V = logp.shape[1]
@@ -175,11 +177,10 @@ class BeamSearch:
         self.src = [self.rows[b] for b in beams]
         return True
 
-    def _greedy(self, logits: np.ndarray) -> bool:
-        """`advance` for one beam: the same choice (the first best allowed token), without the sort over
-        W * V candidates or the copies that keeping several beams apart needs. Requests are mostly greedy,
-        and at batch 1 this loop's Python time is a visible part of a step."""
-        logp = log_softmax(logits)  # (V,)
+    def _greedy(self, logp: np.ndarray) -> bool:
+        """`advance` for one beam, `logp` its row (V,): the same choice (the first best allowed token), without
+        the sort over W * V candidates or the copies that keeping several beams apart needs. Requests are
+        mostly greedy, and at batch 1 this loop's Python time is a visible part of a step."""
         state, seq, lps = self.states[0], self.seqs[0], self.lps[0]
         allowed = self.grammar.allowed(state)
         t = int(np.argmax(np.where(allowed, logp, -np.inf)))

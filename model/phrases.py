@@ -47,13 +47,13 @@ class GroundedCaption:
         self.src: list[int] = []
         self.done = False
 
-    def advance(self, logits: np.ndarray) -> bool:
+    def advance(self, logp: np.ndarray) -> bool:
         offset, self.src = 0, []
         for k, part in enumerate(self.parts):
             if part.done:
                 continue
             part.rows, offset = self.rows[offset: offset + self.live[k]], offset + self.live[k]
-            if part.advance(logits):
+            if part.advance(logp):
                 self.src += part.src
             self.live[k] = len(part.src)
         self.done = not self.src

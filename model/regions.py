@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .decoding import Grammar, GrammarState, Query, log_softmax
+from .decoding import Grammar, GrammarState, Query
 from .tasks import GRAMMARS, MIN_NEW_TOKENS, Tasks
 
 
@@ -118,16 +118,17 @@ class RegionSearch:
         self.branches[0].cached = cached
 
     # --- the interface the scheduler drives --------------------------------------------------------------
-    def advance(self, logits: np.ndarray) -> bool:
-        """Read this search's rows of `logits` (one per live branch, in order), move every branch on. Rows
-        keep their order (a branch that ends leaves a gap, its branches follow it), so the backend moves few."""
+    def advance(self, logp: np.ndarray) -> bool:
+        """Read this search's rows of `logp`, the step's log-probabilities (one row per live branch, in order;
+        model/decoding.py `BeamSearch.advance`), move every branch on. Rows keep their order (a branch that ends
+        leaves a gap, its branches follow it), so the backend moves few."""
         if self.started:                      # the step that made these logits cached one token of each
             for b in self.branches:
                 b.cached += 1
         self.started = True
         rows = self.rows[: len(self.branches)]
         fed = [k for k, b in enumerate(self.branches) if b.cached == len(b.ids)]  # the others feed a prompt
-        logp = log_softmax(logits[[rows[k] for k in fed]]) if fed else None
+        logp = logp[[rows[k] for k in fed]] if fed else None
         greedy = [i for i, k in enumerate(fed) if not self._corner(self.branches[k])]
         picked: dict[int, int] = {}
         if greedy:  # every greedy pick of the step at once: argmax over the allowed tokens of each row

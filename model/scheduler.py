@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .decoding import BeamSearch, Query, next_rows
+from .decoding import BeamSearch, Query, log_softmax, next_rows
 
 
 @dataclass(frozen=True)
@@ -160,10 +160,11 @@ class Scheduler:
     def postprocess(self, batch: Prefill | Decode, logits: np.ndarray) -> list[Job]:
         """Feed the model's outputs to the searches; returns the jobs that finished (`job.search.best()`)."""
         done: list[Job] = []
+        logp = log_softmax(logits)  # once for every row of the batch, not once per search
         if isinstance(batch, Prefill):  # logits (B, V): after each prompt; the rows went after `base`
             for i, job in enumerate(batch.jobs):
                 job.search.rows = [i] * job.width  # every beam starts from the prompt's row
-                alive = job.search.advance(logits)
+                alive = job.search.advance(logp)
                 job.search.src = [batch.base + r for r in job.search.src]
                 (self.running if alive else done).append(job)
             self.rows = batch.base + len(batch.jobs)
@@ -174,7 +175,7 @@ class Scheduler:
             self.rows = len(batch.src)
             ids = {j.id for j in self.running}
             for job in batch.jobs:
-                if job.id in ids and not job.search.advance(logits):
+                if job.id in ids and not job.search.advance(logp):
                     done.append(job)
             self.running = _fill_holes(self.running, {j.id for j in done})
         self._maybe_empty()

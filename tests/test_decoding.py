@@ -141,8 +141,9 @@ def test_greedy_fast_path_takes_the_general_beam_paths_choices(task, tok):
             logits = rng.standard_normal((3, tok.vocab_size)).astype(np.float32) * (0.1 + trial % 4 * 3)
             if trial % 5 == 0:
                 logits[:, ::2] = logits[:, :1]  # ties between allowed tokens: the first one wins in both
+            logp = log_softmax(logits)  # what the scheduler hands the searches
             fast.rows = general.rows = [1]
-            a, b = fast._greedy(logits[1]), general._beams(logits)
+            a, b = fast._greedy(logp[1]), general._beams(logp)
             assert a == b and fast.seqs == general.seqs and fast.lps == general.lps
             assert fast.src == general.src and fast.scores.tolist() == general.scores.tolist()
             if not a:
@@ -159,3 +160,14 @@ def test_the_default_budget_is_every_position_the_prompt_leaves():
     assert budget_for(q, DecodingOptions(max_new_tokens=20), 48) == 20
     assert budget_for(Query(0, "caption", (1, 2), 10), DecodingOptions(max_new_tokens=20), 48) == 10
     assert budget_for(Query(0, "caption", (1, 2), 100), DecodingOptions(), 48) == 46
+
+
+def test_log_softmax_of_a_batch_is_row_for_row_that_of_each_row():
+    """The scheduler normalises a step's logits once for the whole batch; a search reads its rows. Bit for bit
+    the numbers it would get normalising its own rows alone, so an answer never depends on its batch."""
+    rng = np.random.default_rng(3)
+    for rows in (1, 2, 5, 33, 200):
+        x = (rng.standard_normal((rows, 384)) * rng.uniform(0.1, 40)).astype(np.float32)
+        batch = log_softmax(x)
+        for i in range(rows):
+            np.testing.assert_array_equal(batch[i], log_softmax(x[i]))
