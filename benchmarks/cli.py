@@ -267,11 +267,11 @@ def efficiency(cfg: BenchConfig, model: str, device: str, threads: int, default,
     with launch(f"{tmp}/efficiency.log", model=model, backend=backend_of(default), threads=threads,
                 device=device) as server:
         generator, rows = eff.server_levels(server, [data for data, _ in images], cfg.saturation,
-                                            cfg.saturation_window_s, warm, between=engine.round)
-    turns_cpu = engine.cpu_ms[-(len(rows) + 1):]  # the engine's turns around the levels, in order
-    for i, r in enumerate(rows):
-        r["engine"] = (r.pop("before") + r.pop("after")) / 2
-        r["engine_cpu_ms"] = (turns_cpu[i] + turns_cpu[i + 1]) / 2
+                                            cfg.saturation_window_s, warm,
+                                            between=lambda: (engine.round(), engine.cpu_ms[-1]))
+    for r in rows:  # each level against the engine's turns just before and after it: (captions/s, CPU ms each)
+        (rate_before, cpu_before), (rate_after, cpu_after) = r.pop("before"), r.pop("after")
+        r["engine"], r["engine_cpu_ms"] = (rate_before + rate_after) / 2, (cpu_before + cpu_after) / 2
         r["efficiency"] = r["throughput"] / r["engine"]
         say(f"6. server, {r['clients']} connections ({generator}): {r['throughput']:.1f} captions/s = "
             f"{100 * r['efficiency']:.0f}% of the engine's {r['engine']:.1f} around it, p99 {r['p99_ms']:.0f} ms, "

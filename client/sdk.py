@@ -134,8 +134,8 @@ class LoccaClient:
 
     def refer(self, image, expression: str | list[str], **kw) -> Referral | list[Referral]:
         """A list of expressions: a Referral each, in order, from one call (one pass of the image's encoder)."""
-        key = "expression" if isinstance(expression, str) else "expressions"
-        return self._post("/v1/refer", image, {key: expression if key == "expression" else list(expression)}, **kw)
+        fields = {"expression": expression} if isinstance(expression, str) else {"expressions": list(expression)}
+        return self._post("/v1/refer", image, fields, **kw)
 
     def ground(self, image, box=None, max_regions: int | None = None, boxes=None, **kw) -> list[Region]:
         """box: [x0, y0, x1, y1], any sequence of numbers (a tuple, a numpy array); boxes: several of them,

@@ -83,10 +83,6 @@ class EncoderCache:
         self._entries[key] = cross
         self.bytes += size
 
-    def clear(self) -> None:
-        self._entries.clear()
-        self.bytes = 0
-
     def take_stats(self) -> CacheStats:
         stats = self._stats
         stats.bytes, stats.entries = self.bytes, len(self._entries)
