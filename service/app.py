@@ -77,7 +77,8 @@ async def serve(settings: Settings) -> int:
     log.debug("front threads reniced", extra={"threads": reniced, "increment": settings.front_nice})
     log.info("serving", extra={"rest": f"{settings.host}:{settings.port}",
                                "grpc": f"{settings.host}:{settings.grpc_port}", "backend": source.backend,
-                               "model": source.path, "devices": [s.device for s in specs]})
+                               "model": source.path, "devices": [s.device for s in specs],
+                               "loop": type(loop).__module__.split(".")[0]})
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({stopped, rest_task}, return_when=asyncio.FIRST_COMPLETED)
     code = 0
@@ -102,10 +103,24 @@ async def serve(settings: Settings) -> int:
     return code
 
 
+def loop_factory(choice: str):
+    """The event loop `--loop` asks for: uvloop's (auto: where it is installed), or None for asyncio's own."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("--loop uvloop: uvloop is not installed (pip install uvloop, or --loop asyncio)") from None
+        return None
+    return uvloop.new_event_loop
+
+
 def run(settings: Settings) -> int:
     logs.setup(settings.log_level, settings.log_json)
     try:
-        return asyncio.run(serve(settings))
+        with asyncio.Runner(loop_factory=loop_factory(settings.loop)) as runner:
+            return runner.run(serve(settings))
     except (FileNotFoundError, bundle.InvalidModel) as e:
         log.error(str(e))
         return 2

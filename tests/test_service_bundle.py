@@ -86,3 +86,16 @@ def test_the_server_turns_onnxruntimes_spin_waiting_off():
     with pytest.raises(RuntimeError, match="does not have"):  # onnxruntime's own default elsewhere (benchmarks)
         session_options(1).get_session_config_entry("session.intra_op.allow_spinning")
     # (that a session without spinning answers as one with it: tests/test_export.py)
+
+
+def test_the_event_loop_setting():
+    import asyncio
+
+    import uvloop
+
+    from service.app import loop_factory
+    assert loop_factory("auto") is uvloop.new_event_loop
+    assert loop_factory("uvloop") is uvloop.new_event_loop
+    assert loop_factory("asyncio") is None  # asyncio.Runner's own loop
+    with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
+        assert isinstance(runner.get_loop(), uvloop.Loop)

@@ -274,6 +274,13 @@ def test_the_front_runs_below_its_workers_priority(server):
         assert set(nice_values(pid)) == {base}
 
 
+def test_the_server_runs_on_uvloop_with_httptools(server):
+    """service/app.py --loop auto: uvloop where it is installed (a pinned dependency), uvicorn's C parser."""
+    serving = [json.loads(line) for line in server.log().splitlines() if '"serving"' in line]
+    assert serving and serving[0]["loop"] == "uvloop", server.log()
+    import uvicorn.protocols.http.httptools_impl  # noqa: F401,PLC0415 (importable: uvicorn's "auto" takes it)
+
+
 def test_request_ids(server, scenes):
     r = httpx.get(server.url + "/healthz", headers={"X-Request-ID": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
