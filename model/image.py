@@ -19,7 +19,8 @@ def preprocess(image: Image.Image, size: int) -> np.ndarray:
 def resize(image: Image.Image, size: int) -> np.ndarray:
     """The first half of `preprocess`: (size, size, 3) uint8, the image as the model sees it. A quarter of the
     bytes of the model input, from which that follows exactly: what the server sends its workers."""
-    return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # (convert to its own mode would copy it)
+    return np.asarray(rgb.resize((size, size), Image.BILINEAR))
 
 
 def normalize(rgb: np.ndarray) -> np.ndarray:

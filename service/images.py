@@ -74,7 +74,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba).convert("RGB")
-    return im.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")  # (convert to its own mode copies the whole image)
 
 
 def load(data: bytes, limits: Limits, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:

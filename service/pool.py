@@ -153,10 +153,9 @@ class WorkerPool:
             h.ready, h.info, self.failures[h.slot] = True, msg[1], 0
             self.info = self.info or msg[1]
             self._update_ready()
-        elif kind == "result":
-            self._settle(h, msg[1], result=msg[2:])  # (Result, the worker's timings)
-        elif kind == "error":
-            self._settle(h, msg[1], error=msg[2])
+        elif kind == "finished":
+            for job_id, result, timings, error in msg[1]:
+                self._settle(h, job_id, (result, timings), error)
         elif kind == "stats":
             metrics.record_worker_stats(msg[1], self._queue_depths, self._caches, h.slot)
         elif kind == "failed":
@@ -171,7 +170,8 @@ class WorkerPool:
             self.on_fatal(message)
 
     @staticmethod
-    def _settle(h: WorkerHandle, job_id: int, result=None, error=None) -> None:
+    def _settle(h: WorkerHandle, job_id: int, result: tuple, error: Exception | None) -> None:
+        """Answer a job: `result` (its Result, the worker's timings), or `error`."""
         fut = h.jobs.pop(job_id, None)
         if fut is None or fut.done():
             return

@@ -5,9 +5,11 @@ messages, `step()` the core (expire late requests, run one batch), send what fin
 
 Messages, over two one-way pipes (pickled tuples):
     server -> worker   ("add", ids, Requests, rgb, size, key, timeout_s)   ("abort", ids)   ("stop",)
-    worker -> server   ("ready", info)   ("result", id, Result, timings)   ("error", id, ServiceError)
+    worker -> server   ("ready", info)   ("finished", [(id, Result, timings, None) | (id, None, None, ServiceError)])
                        ("stats", dict); timings: the request's phases (model/core.py), spans in the server
                        ("failed", message): the model cannot be loaded; the worker exits
+"finished" carries every request a step finished (or an "add" rejected): one message, one wake-up of the server's
+event loop, however many answers (at 64 captions in flight a decode step finishes two or three).
 An "add" carries every question a call asks of its image (one request, or the expressions of a refer call
 that lists several), with the image once: they share its encoder row. rgb: the image resized, (S, S, 3) uint8
 (model/image.py `resize`; the worker normalises it): a quarter of the bytes of float pixels to pickle. key: its
@@ -124,7 +126,8 @@ class Worker:
                 except RequestError as e:  # the call fails: its other questions are not worth answering
                     for other in ids[:i]:
                         self.core.abort(other, "rejected")
-                    self.outbox.send(("error", job_id, from_core(of_item(e, i) if len(ids) > 1 else e)))
+                    error = from_core(of_item(e, i) if len(ids) > 1 else e)
+                    self.outbox.send(("finished", [(job_id, None, None, error)]))
                     return
         elif kind == "abort":
             for job_id in msg[1]:
@@ -133,9 +136,10 @@ class Worker:
             self.stopping = True
 
     def step(self) -> None:
-        for f in self.core.step(time.monotonic()):
-            self.outbox.send(("result", f.id, f.result, f.timings) if f.error is None
-                             else ("error", f.id, from_core(f.error)))
+        finished = self.core.step(time.monotonic())
+        if finished:
+            self.outbox.send(("finished", [(f.id, f.result, f.timings, None) if f.error is None
+                                           else (f.id, None, None, from_core(f.error)) for f in finished]))
 
     def stats(self) -> dict:
         s, cache = self.core.take_stats(), self.core.take_cache_stats()
