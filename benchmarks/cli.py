@@ -264,6 +264,9 @@ def efficiency(cfg: BenchConfig, model: str, device: str, threads: int, default,
     n = int(1.25 * rate * seconds) + 2 * sum(cfg.saturation)
     say(f"6. making {n} more distinct scenes (no image is sent twice)")
     images = eff.distinct_images(n, offset=1_700_000_000 + cfg.engine_requests)
+    shared = eff.beside_busy_core(engine, [data for data, _ in images[:64]], size, cfg.rounds)
+    say(f"6. the engine beside a core busy decoding PNG images (the front's work): {100 * shared['ratio']:.0f}% of "
+        f"its captions/s alone ({len(shared['alone'])} alternating pairs)")
     with launch(f"{tmp}/efficiency.log", model=model, backend=backend_of(default), threads=threads,
                 device=device) as server:
         generator, rows = eff.server_levels(server, [data for data, _ in images], cfg.saturation,
@@ -273,8 +276,10 @@ def efficiency(cfg: BenchConfig, model: str, device: str, threads: int, default,
         (rate_before, cpu_before), (rate_after, cpu_after) = r.pop("before"), r.pop("after")
         r["engine"], r["engine_cpu_ms"] = (rate_before + rate_after) / 2, (cpu_before + cpu_after) / 2
         r["efficiency"] = r["throughput"] / r["engine"]
+        r["of_shared"] = r["efficiency"] / shared["ratio"]  # of the engine as fast as it runs beside a busy core
         say(f"6. server, {r['clients']} connections ({generator}): {r['throughput']:.1f} captions/s = "
             f"{100 * r['efficiency']:.0f}% of the engine's {r['engine']:.1f} around it, p99 {r['p99_ms']:.0f} ms, "
+            f"{100 * r['of_shared']:.0f}% of it beside a busy core, "
             f"{r['non_2xx']} not 2xx, {r['cache_hits']:.0f} cache hits; CPU ms per answer: front "
             f"{r['front_cpu_ms']:.2f} ({r['front_cores']:.2f} cores), worker {r['worker_cpu_ms']:.2f} "
             f"({r['worker_cores']:.2f} cores), the engine {r['engine_cpu_ms']:.2f}")
@@ -282,6 +287,7 @@ def efficiency(cfg: BenchConfig, model: str, device: str, threads: int, default,
     return {"generator": generator, "scheduler": dataclasses.asdict(config), "server": rows,
             "engine": {"requests": len(loaded), "throughput": float(np.median(engine.runs)), "runs": engine.runs,
                        "cpu_ms": engine.cpu_ms},
+            "beside_busy_core": shared,
             "at_most_clients_vs_peak": rows[-1]["throughput"] / peak,
             # the same with each level's answers/s taken relative to the engine around it: the machine's drift out
             "at_most_clients_vs_peak_of_engine": rows[-1]["efficiency"] / best}

@@ -12,6 +12,11 @@ client's questions.
    / the mean of the engine's two turns around it. The server
    runs with its defaults (the encoded-image cache on); no image is sent twice, and the cache's hit count over
    each level is reported to show it (it must be 0).
+   Beside a busy core: before the levels, the engine takes turns alone and beside a process that decodes the
+   requests' PNG images without pause (what the server's front does, at full tilt), alternating. On a machine
+   whose cores the worker and the front share (2 here), the worker runs at best about as the engine does beside
+   that neighbour (a harsher one than the front, which leaves some of its core idle): the ratio measures what
+   the sharing alone costs, whatever the server's own code does.
 7. REC client: a client that asks 4 referring expressions of each image, as 4 calls to a server without the
    encoded-image cache, as 4 calls with it, and as 1 call with `expressions` (4 of them), `clients` such
    clients in closed loops, a new image each time: questions answered per second, and each image's time
@@ -25,6 +30,7 @@ import base64
 import dataclasses
 import io
 import json
+import multiprocessing as mp
 import os
 import re
 import shutil
@@ -61,15 +67,46 @@ class Engine:
             self.core.add(Request("caption"), pixels, size)
         self.core.run()
 
-    def round(self) -> float:
+    def round(self, record: bool = True) -> float:
+        """One round: captions/s (and CPU ms per answer kept beside it in `runs` and `cpu_ms`, if `record`)."""
         t0, c0 = time.perf_counter(), time.process_time()
         for pixels, size in self.loaded:
             self.core.add(Request("caption"), pixels, size)
         done = self.core.run()
         assert all(f.error is None for f in done)
-        self.runs.append(len(done) / (time.perf_counter() - t0))
-        self.cpu_ms.append(1e3 * (time.process_time() - c0) / len(done))
-        return self.runs[-1]
+        rate = len(done) / (time.perf_counter() - t0)
+        if record:
+            self.runs.append(rate)
+            self.cpu_ms.append(1e3 * (time.process_time() - c0) / len(done))
+        return rate
+
+
+def _decode_until(stop, images: list[bytes], size: int) -> None:
+    """The busy neighbour: the server's image decoding (service/images.py) of `images`, round and round."""
+    from service.images import Limits, load_rgb
+    limits, i = Limits(1 << 30, 1 << 30), 0
+    while not stop.is_set():
+        load_rgb(images[i % len(images)], limits, size)
+        i += 1
+
+
+def beside_busy_core(engine: Engine, images: list[bytes], size: int, pairs: int = 3) -> dict:
+    """The engine's captions/s alone and beside a process decoding `images` without pause, `pairs` alternating
+    turns of each; ratio: the median of each pair's (beside / alone)."""
+    ctx = mp.get_context("spawn")
+    alone, beside = [], []
+    for _ in range(pairs):
+        alone.append(engine.round(record=False))
+        stop = ctx.Event()
+        neighbour = ctx.Process(target=_decode_until, args=(stop, images, size), daemon=True)
+        neighbour.start()
+        try:
+            time.sleep(1.0)  # started (imports) and decoding
+            beside.append(engine.round(record=False))
+        finally:
+            stop.set()
+            neighbour.join(10)
+    return {"alone": alone, "beside": beside, "ratio": float(np.median(np.divide(beside, alone)))}
 
 
 def _scene_png(seed: int) -> tuple[bytes, object]:

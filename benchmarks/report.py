@@ -151,6 +151,11 @@ def table(res: dict) -> str:
         lines += [f"   {r['clients']:>11}{r['throughput']:>10.1f}{r.get('engine', e['engine']['throughput']):>10.1f}"
                   f"{100 * r['efficiency']:>10.0f}%{r['p50_ms']:>9.0f}{r['p99_ms']:>9.0f}{r['non_2xx']:>9}"
                   f"{r['cache_hits']:>12.0f}" for r in e["server"]]
+        if "beside_busy_core" in e:  # runs before 2026-12-02 (fourth session) lack it
+            b = e["beside_busy_core"]
+            lines += [f"   the engine beside a core busy decoding PNGs (the front's work): {100 * b['ratio']:.0f}% of its "
+                      f"speed alone ({len(b['alone'])} alternating pairs); the server, of the engine so slowed: "
+                      + ", ".join(f"{100 * r['of_shared']:.0f}% at {r['clients']}" for r in e["server"])]
         if "front_cpu_ms" in e["server"][0]:  # where an answer's CPU goes (runs before 2026-12-02 lack it)
             lines += ["   CPU ms per answer (cores busy): the server's front (HTTP, image decoding, pipes), its "
                       "worker, and the engine alone",
@@ -237,6 +242,10 @@ def plot(res: dict, path) -> None:
                   label=f"server ({e['generator'].split()[0]})")
         ax[8].hlines([0.85 * v for v in engine], [i - 0.4 for i in x], [i + 0.4 for i in x], color="k", ls=":",
                      label="goal: 85% of the engine")
+        if "beside_busy_core" in e:
+            ratio = e["beside_busy_core"]["ratio"]
+            ax[8].hlines([ratio * v for v in engine], [i - 0.4 for i in x], [i + 0.4 for i in x], color="tab:red",
+                         ls="--", label=f"the engine beside a busy core ({100 * ratio:.0f}%)")
         for i, r in enumerate(rows):
             ax[8].annotate(f"{100 * r['efficiency']:.0f}%", (x[i] + 0.2, r["throughput"]), ha="center",
                            va="bottom", fontsize=8)

@@ -123,6 +123,10 @@ def test_efficiency_and_rec_sections(model_path, monkeypatch, tmp_path):
     assert e["engine"]["throughput"] > 0 and [r["clients"] for r in e["server"]] == [2, 4]
     assert all(r["throughput"] > 0 and r["non_2xx"] == 0 and r["cache_hits"] == 0 for r in e["server"])
     assert all(finite(r["efficiency"]) for r in e["server"])
+    shared = e["beside_busy_core"]  # the engine beside a process decoding PNGs: measured in alternating pairs
+    assert len(shared["alone"]) == len(shared["beside"]) >= 1 and min(shared["alone"] + shared["beside"]) > 0
+    assert finite(shared["ratio"]) and shared["ratio"] > 0
+    assert all(r["of_shared"] == pytest.approx(r["efficiency"] / shared["ratio"]) for r in e["server"])
     # where an answer's CPU went: the server's process and its worker both worked, as did the engine
     assert all(r["front_cpu_ms"] > 0 and r["worker_cpu_ms"] > 0 and r["engine_cpu_ms"] > 0 for r in e["server"])
     assert all(0 < r["worker_cores"] < len(os.sched_getaffinity(0)) + 0.5 for r in e["server"])
@@ -133,6 +137,7 @@ def test_efficiency_and_rec_sections(model_path, monkeypatch, tmp_path):
     assert goals == ["6.", "6.", "6.", "7."]
     text = report.table(res)
     assert "6. efficiency" in text and "7. REC client" in text and "CPU ms per answer" in text
+    assert "beside a core busy decoding PNGs" in text
     report.plot(res, tmp_path / "bench.png")
     monkeypatch.setattr("benchmarks.efficiency.shutil.which", lambda name: None)
     fallback = bench(MODES["smoke"], str(model_path), sections=("efficiency",), mode="smoke", backends=("torch",))
