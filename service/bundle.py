@@ -205,3 +205,14 @@ def worker_threads(settings: Settings, devices: list[str], cores: int | None = N
     if settings.threads or devices[0] != "cpu":
         return settings.threads
     return max(1, ((cores or usable_cores()) - 1) // len(devices))
+
+
+def image_threads(settings: Settings, devices: list[str], threads: int, cores: int | None = None) -> int:
+    """The front's image-decoding threads: --image-threads, or 0 (auto): the usable cores that CPU workers'
+    `threads` (worker_threads) leave, or all of them beside GPU workers, at least 1 and at most 4. More threads
+    than free cores only queue for them, and each hand-over costs the front CPU."""
+    if settings.image_threads:
+        return settings.image_threads
+    cores = cores or usable_cores()
+    left = cores - threads * len(devices) if devices[0] == "cpu" else cores
+    return max(1, min(4, left))

@@ -29,10 +29,11 @@ from .settings import Settings
 
 
 class Engine:
-    def __init__(self, settings: Settings, pool: WorkerPool, model_name: str):
+    def __init__(self, settings: Settings, pool: WorkerPool, model_name: str, image_threads: int):
+        """image_threads: the threads decoding images (service/bundle.py image_threads)."""
         self.settings, self.pool, self.model_name = settings, pool, model_name
         self.limits = images.Limits(settings.max_image_bytes, settings.max_image_pixels)
-        self.executor = ThreadPoolExecutor(settings.image_threads, thread_name_prefix="locca-image")
+        self.executor = ThreadPoolExecutor(image_threads, thread_name_prefix="locca-image")
         self.buffers = Buffers(settings.max_buffered_bytes)  # REST bodies and gRPC messages held at once
         self.in_flight, self.draining = 0, False
         self._idle = asyncio.Event()

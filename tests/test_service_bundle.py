@@ -77,6 +77,20 @@ def test_a_cpu_worker_leaves_a_core_to_the_front_unless_told_otherwise():
     assert worker_threads(Settings(threads=3), ["cpu"], cores=2) == 3            # --threads wins
 
 
+def test_image_threads_take_the_cores_the_workers_leave():
+    from service.bundle import image_threads
+    from service.settings import Settings
+    auto = Settings()
+    assert image_threads(auto, ["cpu"], 1, cores=2) == 1           # this machine: the front's one core
+    assert image_threads(auto, ["cpu"], 15, cores=16) == 1
+    assert image_threads(auto, ["cpu"], 4, cores=16) == 4          # at most 4
+    assert image_threads(auto, ["cpu", "cpu"], 3, cores=8) == 2
+    assert image_threads(auto, ["cpu"], 3, cores=2) == 1           # --threads over the cores: still 1
+    assert image_threads(auto, ["cuda:0", "cuda:1"], 0, cores=64) == 4
+    assert image_threads(auto, ["cuda:0"], 0, cores=2) == 2
+    assert image_threads(Settings(image_threads=6), ["cpu"], 1, cores=2) == 6  # --image-threads wins
+
+
 def test_the_server_turns_onnxruntimes_spin_waiting_off():
     from export.onnx_backend import session_options
     from service.settings import Settings

@@ -22,7 +22,8 @@ from PIL import Image
 from client import AsyncLoccaClient, LoccaClient, LoccaError, LoccaGrpcClient
 from model.regions import iou
 from model.shapes import generate_scene
-from service import images, launch, predict, protos
+from service import bundle, images, launch, predict, protos
+from service.settings import Settings
 
 pb, pb_grpc = protos.load()
 LIMITS = {"max_body_bytes": 2_000_000, "max_image_bytes": 1_500_000, "max_image_pixels": 4_000_000}
@@ -278,6 +279,7 @@ def test_the_server_runs_on_uvloop_with_httptools(server):
     """service/app.py --loop auto: uvloop where it is installed (a pinned dependency), uvicorn's C parser."""
     serving = [json.loads(line) for line in server.log().splitlines() if '"serving"' in line]
     assert serving and serving[0]["loop"] == "uvloop", server.log()
+    assert serving[0]["image_threads"] == bundle.image_threads(Settings(), ["cpu"], 1)  # auto, beside 1 thread
     import uvicorn.protocols.http.httptools_impl  # noqa: F401,PLC0415 (importable: uvicorn's "auto" takes it)
 
 
