@@ -277,8 +277,9 @@ def test_the_front_runs_below_its_workers_priority(server):
 
 def test_the_server_runs_on_uvloop_with_httptools(server):
     """service/app.py --loop auto: uvloop where it is installed (a pinned dependency), uvicorn's C parser."""
-    serving = [json.loads(line) for line in server.log().splitlines() if '"serving"' in line]
-    assert serving and serving[0]["loop"] == "uvloop", server.log()
+    log = server.log_path.read_text(errors="replace")  # the whole log: its start has scrolled out of log()
+    serving = [json.loads(line) for line in log.splitlines() if '"serving"' in line]
+    assert serving and serving[0]["loop"] == "uvloop", log[:3000]
     assert serving[0]["image_threads"] == bundle.image_threads(Settings(), ["cpu"], 1)  # auto, beside 1 thread
     import uvicorn.protocols.http.httptools_impl  # noqa: F401,PLC0415 (importable: uvicorn's "auto" takes it)
 

@@ -172,3 +172,40 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(server, image):
     assert bg.join() == [200] * 5, "every request in flight at SIGTERM completes"
     assert server.proc.wait(60) == 0
     assert '"drained": true' in server.log()
+
+
+def test_worker_pipe_frames_are_multiprocessing_connections_own():
+    """service/pool.py writes and reads a worker's pipes on the event loop in Connection's framing: the worker's
+    plain Connection.recv reads what `_frame` writes, and `_Frames` reads what Connection.send writes, however
+    the bytes arrive (one at a time, or several messages at once)."""
+    import multiprocessing as mp
+    import os
+
+    import numpy as np
+
+    from model.requests import Request, Result
+    from service.pool import _frame, _Frames
+
+    rgb = np.arange(128 * 128 * 3, dtype=np.uint8).reshape(128, 128, 3)  # a real add's size: over a pipe's chunk
+    add = ("add", [1, 2], [Request("caption"), Request("refer", expression="the red circle")], rgb, (275, 381),
+           b"k" * 16, 29.5)
+    reader, writer = mp.Pipe(duplex=False)
+    threading.Thread(target=lambda: os.write(writer.fileno(), _frame(add) + _frame(("stop",))), daemon=True).start()
+    got = reader.recv()
+    assert got[:3] == add[:3] and (got[3] == rgb).all() and got[4:] == add[4:] and reader.recv() == ("stop",)
+
+    finished = ("finished", [(1, Result("caption", text="a red circle", score=-0.5), {"arrival": 1.0}, None)])
+    sent = [("ready", {"pid": 7}), finished, ("stats", {"waiting": 0})]
+    reader, writer = mp.Pipe(duplex=False)
+    for msg in sent:
+        writer.send(msg)
+    writer.close()
+    stream = b""
+    while chunk := os.read(reader.fileno(), 1 << 16):
+        stream += chunk
+    for size in (1, 7, len(stream)):
+        delivered = []
+        frames = _Frames(delivered.append)
+        for i in range(0, len(stream), size):
+            frames.data_received(stream[i:i + size])
+        assert delivered == sent and not frames.buffer, size
