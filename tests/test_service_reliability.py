@@ -197,10 +197,13 @@ def test_a_worker_killed_mid_flood_is_replaced_and_nothing_hangs(server, images)
 
 def test_with_two_workers_a_killed_one_loses_nothing(model_path, images, tmp_path):
     """Issue 21's chaos test with two workers: one is killed mid-flood; its requests move to the survivor (or
-    its own replacement), every request is answered 200 or 429, and both workers serve again after."""
+    its own replacement), every request is answered 200 or 429, and both workers serve again after. On the
+    standard library's event loop (--loop asyncio), where the other tests run on uvloop: the worker pipes'
+    transports (service/pool.py) work on both."""
     with launch.launch(tmp_path / "serve.log", model=model_path, backend="torch", threads=1, workers=2,
                        max_queue=QUEUE, max_batch_size=QUEUE, max_rows=33, retry_after_s=1,
-                       api_keys=KEY) as two:
+                       api_keys=KEY, loop="asyncio") as two:
+        assert '"loop": "asyncio"' in two.log_path.read_text()
         first = two.worker_pids()
         assert len(first) == 2
         retried = two.metric("locca_requests_retried_total")
