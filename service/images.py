@@ -7,6 +7,7 @@ Runs in a thread pool, off the event loop (service/engine.py).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -35,31 +36,50 @@ def decode(data: bytes, limits: Limits) -> Image.Image:
     closed set of exceptions for malformed files (its plugins parse with struct, index tables, convert modes),
     and a crafted file must never become a 500, so anything raised here is the image's fault.
     """
+    return decode_opened(open_image(data, limits))
+
+
+def open_image(data: bytes, limits: Limits) -> Image.Image:
+    """The first half of `decode`: the image's header read (its format, its size), the limits checked, no pixel
+    decoded yet: cheap enough for the event loop, which then knows what decoding the rest will cost."""
     if not data:
         raise BadImage("the image is empty")
     if len(data) > limits.max_bytes:
         raise TooLarge(f"the image has {len(data)} bytes; the limit is {limits.max_bytes}")
+    with _clients_fault():
+        im = Image.open(io.BytesIO(data), formats=FORMATS)
+        w, h = im.size
+        if w * h > limits.max_pixels:
+            raise TooLarge(f"the image has {w}x{h} pixels; the limit is {limits.max_pixels} pixels")
+        return im
+
+
+def decode_opened(im: Image.Image) -> Image.Image:
+    """The second half: an `open_image` image's pixels, as `decode` describes."""
+    with _clients_fault():
+        im.load()  # the first frame of an animation or a multi-page TIFF
+        try:
+            ImageOps.exif_transpose(im, in_place=True)  # (a copy of the whole image otherwise)
+        except Exception:  # noqa: BLE001 (a broken EXIF block: keep the pixels as stored)
+            pass
+        return to_rgb(im)
+
+
+@contextlib.contextmanager
+def _clients_fault():
+    """Whatever Pillow raises on an image is the client's error (see `decode`); Pillow's own bomb check (a
+    warning at MAX_IMAGE_PIXELS) becomes an error (ours comes first anyway)."""
     try:
         with warnings.catch_warnings():
-            # Pillow's own bomb check (a warning at MAX_IMAGE_PIXELS) becomes an error; ours comes first anyway.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=FORMATS)
-            w, h = im.size
-            if w * h > limits.max_pixels:
-                raise TooLarge(f"the image has {w}x{h} pixels; the limit is {limits.max_pixels} pixels")
-            im.load()  # the first frame of an animation or a multi-page TIFF
-            try:
-                ImageOps.exif_transpose(im, in_place=True)  # (a copy of the whole image otherwise)
-            except Exception:  # noqa: BLE001 (a broken EXIF block: keep the pixels as stored)
-                pass
-            return to_rgb(im)
+            yield
     except TooLarge:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError) as e:
         raise TooLarge(f"the image is too large to decode: {e}") from None
     except UnidentifiedImageError:
         raise BadImage(f"not an image in an accepted format ({', '.join(FORMATS)})") from None
-    except Exception as e:  # noqa: BLE001 (truncated, corrupt or unconvertible: see above)
+    except Exception as e:  # noqa: BLE001 (truncated, corrupt or unconvertible: see `decode`)
         raise BadImage(f"the image cannot be decoded: {e}") from None
 
 
@@ -86,5 +106,10 @@ def load(data: bytes, limits: Limits, image_size: int) -> tuple[np.ndarray, tupl
 def load_rgb(data: bytes, limits: Limits, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Bytes -> the model's image resized, (S, S, 3) uint8 (model/image.py: `normalize` makes it the model's
     pixels), and (width, height) of the image as displayed."""
-    im = decode(data, limits)
+    return load_opened(open_image(data, limits), image_size)
+
+
+def load_opened(im: Image.Image, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """`load_rgb` of an `open_image` image."""
+    im = decode_opened(im)
     return resize(im, image_size), im.size
