@@ -260,6 +260,16 @@ def plot(res: dict, path) -> None:
                   color=["tab:gray", "tab:cyan", "tab:blue"])
         ax[9].set_title(f"7. REC: questions/s, {res['rec']['questions_per_image']} per image, "
                         f"{res['rec']['clients']} clients")
+    used = [a for a in ax if a.has_data()]
+    if 0 < len(used) < len(ax):  # sections this run left out (--sections): the others close up, no empty frames
+        for a in ax:
+            if not a.has_data():
+                fig.delaxes(a)
+        cols = min(5, len(used))
+        grid = fig.add_gridspec(-(-len(used) // cols), cols)
+        for i, a in enumerate(used):
+            a.set_subplotspec(grid[i // cols, i % cols])
+        fig.set_size_inches(5.4 * cols, 4.5 * -(-len(used) // cols))
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
