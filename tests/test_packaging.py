@@ -72,7 +72,7 @@ def test_a_training_command_without_the_train_extra_says_what_to_install():
 def _pins(lines) -> dict[str, str]:
     out = {}
     for line in lines:
-        line = line.split("#")[0].strip()
+        line = line.split("#")[0].split(";")[0].strip()  # without an environment marker (uvloop's: not Windows)
         if "==" in line:
             name, version = line.split("==")
             out[name.lower().replace("_", "-")] = version.split("+")[0]  # 2.13.0+cpu is the 2.13.0 pin
