@@ -190,7 +190,15 @@ def server_levels(server, images: list[bytes], levels, window: float, warm_s: fl
     (never one twice). between(): called before each level and after the last (the engine's turns), its
     results in each row as "before" and "after". -> (the load generator used, one row per level)."""
     hits = lambda: server.metric("locca_encoder_cache_lookups_total", 'result="hit"')  # noqa: E731
+    steps = lambda: (server.metric("locca_batch_size_sum", 'kind="decode"'),  # noqa: E731
+                     server.metric("locca_batch_size_count", 'kind="decode"'))
     rows, offset, turns, meter = [], 0, [between()], CpuMeter(server)
+
+    def decode_rows(before: tuple) -> float:
+        """The worker's mean rows per decode step since `before` (steps()): the requests inside it, against the
+        connections (the rest are in the front, or on the wire)."""
+        (s0, n0), (s1, n1) = before, steps()
+        return (s1 - s0) / max(n1 - n0, 1)
 
     def finish(row: dict) -> None:
         turns.append(between())
@@ -206,24 +214,26 @@ def server_levels(server, images: list[bytes], levels, window: float, warm_s: fl
             for c in levels:
                 warm = wrk(f"{server.url}/v1/caption", c, warm_s, Path(tmp), count, offset)  # ramp up
                 offset += warm["requests"] + c
-                before = hits()
+                before, rows_before = hits(), steps()
                 meter.start()
                 row = wrk(f"{server.url}/v1/caption", c, window, Path(tmp), count, offset)
                 offset += row["requests"] + c
                 if offset > count:  # wrk goes round again: the cache hits below then say how often
                     print(f"warning: {count} images were too few; some were sent twice", file=sys.stderr)
                 time.sleep(0.5)  # the worker ships its counts 4 times a second
-                finish({"clients": c, **row, "cache_hits": hits() - before, **meter.stop(window)})
+                finish({"clients": c, **row, "cache_hits": hits() - before, **meter.stop(window),
+                        "decode_rows": decode_rows(rows_before)})
         return "wrk", rows
     from . import serving
     reqs = [({"image": ("scene.png", im, "image/png")}, {}) for im in images]
     for c in levels:
-        before = hits()
+        before, rows_before = hits(), steps()
         meter.start()
         row = serving.sweep(server.url, reqs[offset:], [c], window)[0]
         offset += int(row["requests"] * 1.5) + 2 * c
         time.sleep(0.5)
-        finish({**row, "non_2xx": 0, "cache_hits": hits() - before, **meter.stop(window)})
+        finish({**row, "non_2xx": 0, "cache_hits": hits() - before, **meter.stop(window),
+                "decode_rows": decode_rows(rows_before)})
     return "httpx (in the benchmark's process)", rows
 
 

@@ -130,6 +130,7 @@ def test_efficiency_and_rec_sections(model_path, monkeypatch, tmp_path):
     # where an answer's CPU went: the server's process and its worker both worked, as did the engine
     assert all(r["front_cpu_ms"] > 0 and r["worker_cpu_ms"] > 0 and r["engine_cpu_ms"] > 0 for r in e["server"])
     assert all(0 < r["worker_cores"] < len(os.sched_getaffinity(0)) + 0.5 for r in e["server"])
+    assert all(1 <= r["decode_rows"] <= r["clients"] for r in e["server"])  # the requests inside the worker
     modes = res["rec"]["modes"]
     assert list(modes) == ["4 calls, no cache", "4 calls, cache", "1 call of 4"]
     assert all(m["questions_per_s"] > 0 for m in modes.values()) and modes["4 calls, no cache"]["vs_uncached"] == 1
