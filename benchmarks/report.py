@@ -158,7 +158,8 @@ def table(res: dict) -> str:
                       + ", ".join(f"{100 * r['of_shared']:.0f}% at {r['clients']}" for r in e["server"])]
         if "front_cpu_ms" in e["server"][0]:  # where an answer's CPU goes (runs before 2026-12-02 lack it)
             lines += ["   CPU ms per answer (cores busy): the server's front (HTTP, image decoding, pipes), its "
-                      "worker, and the engine alone; the worker's rows per decode step (a caption is one row: the requests inside it)",
+                      "worker, and the engine alone; the worker's rows per decode step (a caption is one row: the "
+                      "requests inside it)",
                       f"   {'connections':>11}{'front':>16}{'worker':>16}{'engine':>9}{'rows/step':>11}"]
             lines += [f"   {r['clients']:>11}{r['front_cpu_ms']:>9.2f} ({r['front_cores']:.2f}){r['worker_cpu_ms']:>9.2f}"
                       f" ({r['worker_cores']:.2f}){r['engine_cpu_ms']:>9.2f}{r.get('decode_rows', math.nan):>11.1f}"
