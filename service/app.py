@@ -60,7 +60,8 @@ async def serve(settings: Settings) -> int:
         stop.set()
 
     pool = WorkerPool(specs, settings.retry_after_s, on_fatal, stall_timeout=settings.worker_stall_timeout_s)
-    decoders = bundle.image_threads(settings, [s.device for s in specs], specs[0].threads)
+    devices = [s.device for s in specs]
+    decoders = bundle.image_threads(settings, devices, specs[0].threads)
     engine = Engine(settings, pool, bundle.model_name(settings.model), decoders)
     rest = _Uvicorn(uvicorn.Config(build_app(engine, settings), host=settings.host, port=settings.port,
                                    log_config=None, access_log=False, lifespan="off",
@@ -78,7 +79,7 @@ async def serve(settings: Settings) -> int:
     log.debug("front threads reniced", extra={"threads": reniced, "increment": settings.front_nice})
     log.info("serving", extra={"rest": f"{settings.host}:{settings.port}",
                                "grpc": f"{settings.host}:{settings.grpc_port}", "backend": source.backend,
-                               "model": source.path, "devices": [s.device for s in specs],
+                               "model": source.path, "devices": devices,
                                "loop": type(loop).__module__.split(".")[0], "image_threads": decoders})
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({stopped, rest_task}, return_when=asyncio.FIRST_COMPLETED)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import itertools
 import logging
 import multiprocessing as mp
@@ -72,7 +73,8 @@ class WorkerHandle:
     async def _open_pipes(self) -> None:
         try:
             writer, _ = await self.loop.connect_write_pipe(asyncio.BaseProtocol, self._inbox)
-            reader, _ = await self.loop.connect_read_pipe(lambda: _Frames(self._received), self._outbox)
+            reader, _ = await self.loop.connect_read_pipe(
+                lambda: _Frames(functools.partial(self.on_message, self)), self._outbox)
         except Exception:  # noqa: BLE001 (never seen; a worker it cannot talk to is killed, and so restarted)
             log.exception("cannot open a worker's pipes; killing it", extra={"slot": self.slot})
             self.process.kill()
@@ -94,9 +96,6 @@ class WorkerHandle:
                 self._unsent.append(frame)
         elif not self._writer.is_closing():  # else the worker is gone: the sentinel reports it
             self._writer.write(frame)
-
-    def _received(self, msg: tuple) -> None:
-        self.on_message(self, msg)
 
     def _exited(self) -> None:
         self.loop.remove_reader(self.process.sentinel)
