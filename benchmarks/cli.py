@@ -267,27 +267,34 @@ def efficiency(cfg: BenchConfig, model: str, device: str, threads: int, default,
     shared = eff.beside_busy_core(engine, [data for data, _ in images[:64]], size, cfg.rounds)
     say(f"6. the engine beside a core busy decoding PNG images (the front's work): {100 * shared['ratio']:.0f}% of "
         f"its captions/s alone ({len(shared['alone'])} alternating pairs)")
+    same = eff.same_concurrency(engine, cfg.saturation, cfg.rounds)
+    say("6. the engine at the server's concurrency (closed loops of that many clients), of its speed with every "
+        "request queued at once: " + ", ".join(f"{100 * x['ratio']:.0f}% at {x['clients']}" for x in same))
     with launch(f"{tmp}/efficiency.log", model=model, backend=backend_of(default), threads=threads,
                 device=device) as server:
         generator, rows = eff.server_levels(server, [data for data, _ in images], cfg.saturation,
                                             cfg.saturation_window_s, warm,
                                             between=lambda: (engine.round(), engine.cpu_ms[-1]))
-    for r in rows:  # each level against the engine's turns just before and after it: (captions/s, CPU ms each)
-        (rate_before, cpu_before), (rate_after, cpu_after) = r.pop("before"), r.pop("after")
+    for r, at in zip(rows, same, strict=True):  # each level against the engine's turns just before and after it
+        (rate_before, cpu_before), (rate_after, cpu_after) = r.pop("before"), r.pop("after")  # (captions/s, CPU ms)
         r["engine"], r["engine_cpu_ms"] = (rate_before + rate_after) / 2, (cpu_before + cpu_after) / 2
         r["efficiency"] = r["throughput"] / r["engine"]
         r["of_shared"] = r["efficiency"] / shared["ratio"]  # of the engine as fast as it runs beside a busy core
+        r["of_same_concurrency"] = r["efficiency"] / at["ratio"]  # of the engine holding as many requests
+        r["closed_cpu_ms"] = float(np.median(at["cpu_ms"]))
         say(f"6. server, {r['clients']} connections ({generator}): {r['throughput']:.1f} captions/s = "
             f"{100 * r['efficiency']:.0f}% of the engine's {r['engine']:.1f} around it, p99 {r['p99_ms']:.0f} ms, "
             f"{100 * r['of_shared']:.0f}% of it beside a busy core, "
+            f"{100 * r['of_same_concurrency']:.0f}% of it at {r['clients']} clients, "
             f"{r['non_2xx']} not 2xx, {r['cache_hits']:.0f} cache hits; CPU ms per answer: front "
             f"{r['front_cpu_ms']:.2f} ({r['front_cores']:.2f} cores), worker {r['worker_cpu_ms']:.2f} "
-            f"({r['worker_cores']:.2f} cores), the engine {r['engine_cpu_ms']:.2f}")
+            f"({r['worker_cores']:.2f} cores), the engine {r['engine_cpu_ms']:.2f} "
+            f"({r['closed_cpu_ms']:.2f} at {r['clients']} clients)")
     peak, best = max(r["throughput"] for r in rows), max(r["efficiency"] for r in rows)
     return {"generator": generator, "scheduler": dataclasses.asdict(config), "server": rows,
             "engine": {"requests": len(loaded), "throughput": float(np.median(engine.runs)), "runs": engine.runs,
                        "cpu_ms": engine.cpu_ms},
-            "beside_busy_core": shared,
+            "beside_busy_core": shared, "same_concurrency": same,
             "at_most_clients_vs_peak": rows[-1]["throughput"] / peak,
             # the same with each level's answers/s taken relative to the engine around it: the machine's drift out
             "at_most_clients_vs_peak_of_engine": rows[-1]["efficiency"] / best}

@@ -73,12 +73,58 @@ class Engine:
         for pixels, size in self.loaded:
             self.core.add(Request("caption"), pixels, size)
         done = self.core.run()
-        assert all(f.error is None for f in done)
+        assert len(done) == len(self.loaded) and all(f.error is None for f in done)
         rate = len(done) / (time.perf_counter() - t0)
         if record:
             self.runs.append(rate)
             self.cpu_ms.append(1e3 * (time.process_time() - c0) / len(done))
         return rate
+
+
+    def closed_loop(self, clients: int) -> tuple[float, float]:
+        """`clients` in closed loops on the core, as the server's connections are: each answer replaced at once by
+        a new request, the core stepped with the clock (a long job waits up to max_wait for company, as in the
+        worker). Returns captions/s and CPU ms per answer over len(loaded) answers, counted from the first
+        `clients` answers on; the jobs still in the loop at the end are dropped."""
+        core, loaded, sent = self.core, self.loaded, 0
+
+        def send() -> None:
+            nonlocal sent
+            pixels, size = loaded[sent % len(loaded)]
+            sent += 1
+            core.add(Request("caption"), pixels, size, now=time.monotonic())
+
+        for _ in range(clients):
+            send()
+        done, goal, t0, c0 = 0, clients + len(loaded), 0.0, 0.0
+        while done < goal:
+            for f in core.step(time.monotonic()):
+                assert f.error is None
+                done += 1
+                if done == clients:  # the loop is full and turning: count from here
+                    t0, c0 = time.perf_counter(), time.process_time()
+                send()
+        t1, c1 = time.perf_counter(), time.process_time()
+        core.reset()
+        return len(loaded) / (t1 - t0), 1e3 * (c1 - c0) / len(loaded)
+
+
+def same_concurrency(engine: Engine, levels, pairs: int) -> list[dict]:
+    """The engine at each level's concurrency: `pairs` alternating turns of a closed loop of that many clients
+    (`Engine.closed_loop`) and of all at once; ratio: the median of each pair's (closed loop / all at once).
+    No server with that many connections can hold more requests at once, so this is what the scheduler makes of
+    them, HTTP, images and pipes aside."""
+    out = []
+    for clients in levels:
+        closed, cpu_ms, all_at_once = [], [], []
+        for _ in range(pairs):
+            all_at_once.append(engine.round(record=False))
+            rate, ms = engine.closed_loop(clients)
+            closed.append(rate)
+            cpu_ms.append(ms)
+        out.append({"clients": clients, "closed": closed, "cpu_ms": cpu_ms, "all_at_once": all_at_once,
+                    "ratio": float(np.median(np.divide(closed, all_at_once)))})
+    return out
 
 
 def _decode_until(stop, images: list[bytes], size: int) -> None:

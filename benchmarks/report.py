@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 
 PEER = "hf generate fp32"
 POLICIES = {"continuous": "continuous, short first", "arrival": "continuous, arrival order", "static": "static"}
@@ -156,14 +157,20 @@ def table(res: dict) -> str:
             lines += [f"   the engine beside a core busy decoding PNGs (the front's work): {100 * b['ratio']:.0f}% of its "
                       f"speed alone ({len(b['alone'])} alternating pairs); the server, of the engine so slowed: "
                       + ", ".join(f"{100 * r['of_shared']:.0f}% at {r['clients']}" for r in e["server"])]
+        if "same_concurrency" in e:  # runs before 2026-12-02 (fifth session) lack it
+            lines += ["   the engine at the server's concurrency (closed loops of as many clients as connections), of its "
+                      "speed with every request queued at once: "
+                      + ", ".join(f"{100 * x['ratio']:.0f}% at {x['clients']}" for x in e["same_concurrency"])
+                      + "; the server, of the engine so limited: "
+                      + ", ".join(f"{100 * r['of_same_concurrency']:.0f}% at {r['clients']}" for r in e["server"])]
         if "front_cpu_ms" in e["server"][0]:  # where an answer's CPU goes (runs before 2026-12-02 lack it)
             lines += ["   CPU ms per answer (cores busy): the server's front (HTTP, image decoding, pipes), its "
-                      "worker, and the engine alone; the worker's rows per decode step (a caption is one row: the "
-                      "requests inside it)",
-                      f"   {'connections':>11}{'front':>16}{'worker':>16}{'engine':>9}{'rows/step':>11}"]
+                      "worker, and the engine alone, all at once and in closed loops of as many clients; the worker's "
+                      "rows per decode step (a caption is one row: the requests inside it)",
+                      f"   {'connections':>11}{'front':>16}{'worker':>16}{'engine':>9}{'at N':>9}{'rows/step':>11}"]
             lines += [f"   {r['clients']:>11}{r['front_cpu_ms']:>9.2f} ({r['front_cores']:.2f}){r['worker_cpu_ms']:>9.2f}"
-                      f" ({r['worker_cores']:.2f}){r['engine_cpu_ms']:>9.2f}{r.get('decode_rows', math.nan):>11.1f}"
-                      for r in e["server"]]
+                      f" ({r['worker_cores']:.2f}){r['engine_cpu_ms']:>9.2f}{r.get('closed_cpu_ms', math.nan):>9.2f}"
+                      f"{r.get('decode_rows', math.nan):>11.1f}" for r in e["server"]]
     if "rec" in res:
         r = res["rec"]
         lines += ["", f"7. REC client: {r['questions_per_image']} expressions per image, {r['clients']} clients, "
@@ -185,8 +192,8 @@ def plot(res: dict, path) -> None:
     fig, ax = plt.subplots(2, 5, figsize=(27, 9))
     ax = ax.ravel()
     m = res["meta"]
-    fig.suptitle(f"locca bench --{m['mode']}, {m['date']}: {m['cpu']} ({m['cores']} cores)"
-                 + (f", {m['gpu']}" if m.get("gpu") else "") + f", device {m['device']}, {m['threads']} thread(s)")
+    title = fig.suptitle(f"locca bench --{m['mode']}, {m['date']}: {m['cpu']} ({m['cores']} cores)"
+                         + (f", {m['gpu']}" if m.get("gpu") else "") + f", device {m['device']}, {m['threads']} thread(s)")
     if "engine" in res:
         for a, b, key, label in ((ax[0], min, "seconds", "ms per call"), (ax[1], max, "images_per_s", "images/s")):
             batch = b(r["batch"] for r in res["engine"])
@@ -248,6 +255,10 @@ def plot(res: dict, path) -> None:
             ratio = e["beside_busy_core"]["ratio"]
             ax[8].hlines([ratio * v for v in engine], [i - 0.4 for i in x], [i + 0.4 for i in x], color="tab:red",
                          ls="--", label=f"the engine beside a busy core ({100 * ratio:.0f}%)")
+        if "same_concurrency" in e:
+            ax[8].hlines([x["ratio"] * v for x, v in zip(e["same_concurrency"], engine, strict=True)],
+                         [i - 0.4 for i in x], [i + 0.4 for i in x], color="tab:purple", ls="-.",
+                         label="the engine holding as many requests as connections")
         for i, r in enumerate(rows):
             ax[8].annotate(f"{100 * r['efficiency']:.0f}%", (x[i] + 0.2, r["throughput"]), ha="center",
                            va="bottom", fontsize=8)
@@ -272,6 +283,7 @@ def plot(res: dict, path) -> None:
         for i, a in enumerate(used):
             a.set_subplotspec(grid[i // cols, i % cols])
         fig.set_size_inches(5.4 * cols, 4.5 * -(-len(used) // cols))
+        title.set_text(textwrap.fill(title.get_text(), 48 * cols))  # a panel or two: the title on several lines
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -127,6 +127,12 @@ def test_efficiency_and_rec_sections(model_path, monkeypatch, tmp_path):
     assert len(shared["alone"]) == len(shared["beside"]) >= 1 and min(shared["alone"] + shared["beside"]) > 0
     assert finite(shared["ratio"]) and shared["ratio"] > 0
     assert all(r["of_shared"] == pytest.approx(r["efficiency"] / shared["ratio"]) for r in e["server"])
+    same = e["same_concurrency"]  # the engine in closed loops of as many clients as each level has connections
+    assert [x["clients"] for x in same] == [2, 4]
+    assert all(len(x["closed"]) == len(x["all_at_once"]) >= 1 and min(x["closed"] + x["all_at_once"]) > 0
+               and min(x["cpu_ms"]) > 0 and finite(x["ratio"]) for x in same)
+    assert all(r["of_same_concurrency"] == pytest.approx(r["efficiency"] / x["ratio"])
+               and r["closed_cpu_ms"] == pytest.approx(float(np.median(x["cpu_ms"]))) for r, x in zip(e["server"], same))
     # where an answer's CPU went: the server's process and its worker both worked, as did the engine
     assert all(r["front_cpu_ms"] > 0 and r["worker_cpu_ms"] > 0 and r["engine_cpu_ms"] > 0 for r in e["server"])
     assert all(0 < r["worker_cores"] < len(os.sched_getaffinity(0)) + 0.5 for r in e["server"])
@@ -138,7 +144,7 @@ def test_efficiency_and_rec_sections(model_path, monkeypatch, tmp_path):
     assert goals == ["6.", "6.", "6.", "7."]
     text = report.table(res)
     assert "6. efficiency" in text and "7. REC client" in text and "CPU ms per answer" in text
-    assert "beside a core busy decoding PNGs" in text
+    assert "beside a core busy decoding PNGs" in text and "the engine at the server's concurrency" in text
     report.plot(res, tmp_path / "bench.png")
     monkeypatch.setattr("benchmarks.efficiency.shutil.which", lambda name: None)
     fallback = bench(MODES["smoke"], str(model_path), sections=("efficiency",), mode="smoke", backends=("torch",))
