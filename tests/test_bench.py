@@ -132,7 +132,8 @@ def test_efficiency_and_rec_sections(model_path, monkeypatch, tmp_path):
     assert all(len(x["closed"]) == len(x["all_at_once"]) >= 1 and min(x["closed"] + x["all_at_once"]) > 0
                and min(x["cpu_ms"]) > 0 and finite(x["ratio"]) for x in same)
     assert all(r["of_same_concurrency"] == pytest.approx(r["efficiency"] / x["ratio"])
-               and r["closed_cpu_ms"] == pytest.approx(float(np.median(x["cpu_ms"]))) for r, x in zip(e["server"], same))
+               and r["closed_cpu_ms"] == pytest.approx(float(np.median(x["cpu_ms"])))
+               for r, x in zip(e["server"], same, strict=True))
     # where an answer's CPU went: the server's process and its worker both worked, as did the engine
     assert all(r["front_cpu_ms"] > 0 and r["worker_cpu_ms"] > 0 and r["engine_cpu_ms"] > 0 for r in e["server"])
     assert all(0 < r["worker_cores"] < len(os.sched_getaffinity(0)) + 0.5 for r in e["server"])
