@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         env = f"LOCCA_{name.upper()}"
         default = field.default
-        help_ = f"{field.description} (env {env}; default {default})"
+        help_ = f"{field.description} (env {env}; default {default})".replace("%", "%%")  # argparse formats help
         if field.annotation is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
             continue
