@@ -18,7 +18,8 @@ Sections (each prints its progress; the table at the end says which goals of iss
      and the whole request's model FLOPs utilisation
   5. scaling: latency against output length and against images per call
   6. efficiency (issue 19): the server's caption answers/s at 32, 64 and 128 connections from wrk (if installed),
-     a different image per request, against the in-process engine on the same kind of requests
+     a different image per request, against the in-process engine on the same kind of requests (all queued at
+     once, and in closed loops of as many clients as connections: the most any server could make of them)
   7. REC client: 4 referring expressions per image as 4 calls without the encoded-image cache, 4 calls with it,
      and 1 call with `expressions`: questions/s
 Every contender runs with the same number of threads (--threads). Writes benchmarks/results/bench_DEVICE_MODE

@@ -17,6 +17,9 @@ client's questions.
    whose cores the worker and the front share (2 here), the worker runs at best about as the engine does beside
    that neighbour (a harsher one than the front, which leaves some of its core idle): the ratio measures what
    the sharing alone costs, whatever the server's own code does.
+   At the server's concurrency: the engine in closed loops of as many clients as each level has connections
+   (each answer at once replaced by a new request), alternating with all at once: no server with that many
+   connections holds more requests, so the ratio is the most any server could make of them.
 7. REC client: a client that asks 4 referring expressions of each image, as 4 calls to a server without the
    encoded-image cache, as 4 calls with it, and as 1 call with `expressions` (4 of them), `clients` such
    clients in closed loops, a new image each time: questions answered per second, and each image's time
@@ -79,7 +82,6 @@ class Engine:
             self.runs.append(rate)
             self.cpu_ms.append(1e3 * (time.process_time() - c0) / len(done))
         return rate
-
 
     def closed_loop(self, clients: int) -> tuple[float, float]:
         """`clients` in closed loops on the core, as the server's connections are: each answer replaced at once by

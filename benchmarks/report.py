@@ -166,7 +166,8 @@ def table(res: dict) -> str:
         if "front_cpu_ms" in e["server"][0]:  # where an answer's CPU goes (runs before 2026-12-02 lack it)
             lines += ["   CPU ms per answer (cores busy): the server's front (HTTP, image decoding, pipes), its "
                       "worker, and the engine alone, all at once and in closed loops of as many clients; the worker's "
-                      "rows per decode step (a caption is one row: the requests inside it)",
+                      "mean rows per decode step over the window (a caption is one row; the level's first seconds, "
+                      "while the connections fill the worker, count too)",
                       f"   {'connections':>11}{'front':>16}{'worker':>16}{'engine':>9}{'at N':>9}{'rows/step':>11}"]
             lines += [f"   {r['clients']:>11}{r['front_cpu_ms']:>9.2f} ({r['front_cores']:.2f}){r['worker_cpu_ms']:>9.2f}"
                       f" ({r['worker_cores']:.2f}){r['engine_cpu_ms']:>9.2f}{r.get('closed_cpu_ms', math.nan):>9.2f}"
@@ -256,7 +257,7 @@ def plot(res: dict, path) -> None:
             ax[8].hlines([ratio * v for v in engine], [i - 0.4 for i in x], [i + 0.4 for i in x], color="tab:red",
                          ls="--", label=f"the engine beside a busy core ({100 * ratio:.0f}%)")
         if "same_concurrency" in e:
-            ax[8].hlines([x["ratio"] * v for x, v in zip(e["same_concurrency"], engine, strict=True)],
+            ax[8].hlines([s["ratio"] * v for s, v in zip(e["same_concurrency"], engine, strict=True)],
                          [i - 0.4 for i in x], [i + 0.4 for i in x], color="tab:purple", ls="-.",
                          label="the engine holding as many requests as connections")
         for i, r in enumerate(rows):
