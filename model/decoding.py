@@ -11,6 +11,7 @@ small for a task's grammar are refused up front.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -181,21 +182,27 @@ class BeamSearch:
         """`advance` for one beam, `logp` its row (V,): the same choice (the first best allowed token), without
         the sort over W * V candidates or the copies that keeping several beams apart needs. Requests are
         mostly greedy, and at batch 1 this loop's Python time is a visible part of a step."""
-        state, seq, lps = self.states[0], self.seqs[0], self.lps[0]
-        allowed = self.grammar.allowed(state)
-        t = int(np.argmax(np.where(allowed, logp, -np.inf)))
-        if not allowed[t] or not np.isfinite(logp[t]):
-            self.done, self.src = True, []  # nothing allowed is possible
+        scores = np.where(self.grammar.allowed(self.states[0]), logp, -np.inf)
+        t = int(np.argmax(scores))
+        return self._take(t, float(scores[t]))
+
+    def _take(self, t: int, lp: float) -> bool:
+        """A greedy search's step once its token is chosen: `t`, the first best allowed token, and `lp` its
+        log-probability (-inf where nothing allowed is possible)."""
+        if not math.isfinite(lp):  # nothing allowed is possible (or the model gave NaN)
+            self.done, self.src = True, []
             return False
+        seq, lps = self.seqs[0], self.lps[0]
         if t == self.grammar.tok.eos_id:
-            lp = lps + [float(logp[t])]
-            self.finished.append(Hypothesis(seq + [t], lp, float(np.sum(lp)) / len(lp) ** self.length_penalty))
+            lp_all = lps + [lp]
+            self.finished.append(Hypothesis(seq + [t], lp_all,
+                                            float(np.sum(lp_all)) / len(lp_all) ** self.length_penalty))
             self.done, self.src = True, []
             return False
         seq.append(t)
-        lps.append(float(logp[t]))
-        state.advance(t, self.grammar.tok)
-        self.scores[0] += logp[t]
+        lps.append(lp)
+        self.states[0].advance(t, self.grammar.tok)
+        self.scores[0] += lp
         self.src = [self.rows[0]]
         return True
 
@@ -219,6 +226,22 @@ class BeamSearch:
 
     def best(self, n: int) -> list[Hypothesis]:
         return sorted(self.finished, key=lambda h: -h.score)[:n]
+
+
+def advance_all(searches: list, logp: np.ndarray) -> list[bool]:
+    """`advance` every search on the step's `logp` (R, V), in order; True for each still alive. The greedy
+    beam searches (most requests) choose their tokens together, in one masked argmax over their rows: the same
+    choices as one by one, without a numpy call per row for each."""
+    greedy = [i for i, s in enumerate(searches) if type(s) is BeamSearch and s.width == 1]
+    if len(greedy) < 2:
+        return [s.advance(logp) for s in searches]
+    alive: list[bool | None] = [None] * len(searches)
+    masks = np.stack([searches[i].grammar.allowed(searches[i].states[0]) for i in greedy])
+    scores = np.where(masks, logp[[searches[i].rows[0] for i in greedy]], -np.inf)
+    tokens = scores.argmax(axis=1)
+    for i, t, lp in zip(greedy, tokens.tolist(), scores[np.arange(len(greedy)), tokens].tolist(), strict=True):
+        alive[i] = searches[i]._take(t, lp)
+    return [s.advance(logp) if a is None else a for s, a in zip(searches, alive, strict=True)]
 
 
 def next_rows(searches: list[BeamSearch]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

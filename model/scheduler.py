@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .decoding import BeamSearch, Query, log_softmax, next_rows
+from .decoding import BeamSearch, Query, advance_all, log_softmax, next_rows
 
 
 @dataclass(frozen=True)
@@ -174,9 +174,9 @@ class Scheduler:
             self.stats.decode_sizes.append(len(batch.src))
             self.rows = len(batch.src)
             ids = {j.id for j in self.running}
-            for job in batch.jobs:
-                if job.id in ids and not job.search.advance(logp):
-                    done.append(job)
+            jobs = [j for j in batch.jobs if j.id in ids]
+            done += [j for j, alive in zip(jobs, advance_all([j.search for j in jobs], logp), strict=True)
+                     if not alive]
             self.running = _fill_holes(self.running, {j.id for j in done})
         self._maybe_empty()
         return done

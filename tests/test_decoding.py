@@ -7,7 +7,16 @@ import torch
 
 from model.config import get_size
 from model.core import EngineCore
-from model.decoding import BeamSearch, DecodingOptions, Grammar, GrammarState, Query, budget_for, log_softmax
+from model.decoding import (
+    BeamSearch,
+    DecodingOptions,
+    Grammar,
+    GrammarState,
+    Query,
+    advance_all,
+    budget_for,
+    log_softmax,
+)
 from model.inference import TorchInference
 from model.model import LocCa
 from model.scheduler import ALL_AT_ONCE
@@ -150,6 +159,47 @@ def test_greedy_fast_path_takes_the_general_beam_paths_choices(task, tok):
                 break
         assert [(h.tokens, h.score) for h in fast.finished] == [(h.tokens, h.score) for h in general.finished]
         assert len(fast.finished) == 1
+
+
+def test_advancing_a_batch_together_equals_one_by_one(tok):
+    """`advance_all` (a decode step's searches; the greedy ones choose their tokens in one masked argmax) leaves
+    every search where its own `advance` does: greedy searches of every task at different points of their
+    grammars beside beam searches, on peaked, flat and tied logits, with rows where nothing allowed is possible
+    (all -inf) or the model gave NaN."""
+    grammar, rng = Grammar(tok), np.random.default_rng(0)
+
+    def searches():
+        budgets = np.random.default_rng(1).integers(9, 24, size=3 * len(GRAMMARS))
+        return [BeamSearch(Query(0, task, (1, 2, 3)), int(b), width, grammar)
+                for (task, width), b in zip([(t, w) for t in sorted(GRAMMARS) for w in (1, 1, 2)], budgets,
+                                            strict=True)]
+
+    together, alone = searches(), searches()
+    for step in range(40):
+        live = [i for i, s in enumerate(together) if not s.done]
+        if not live:
+            break
+        r = 0
+        for i in live:  # each live search's beams in rows of their own, as next_rows lays them out
+            together[i].rows = alone[i].rows = list(range(r, r + together[i].width))
+            r += together[i].width
+        logits = rng.standard_normal((r, tok.vocab_size)).astype(np.float32) * (0.1 + step % 4 * 3)
+        if step % 5 == 0:
+            logits[:, ::2] = logits[:, :1]  # ties between allowed tokens: the first one wins either way
+        logp = log_softmax(logits)
+        greedy = [i for i in live if together[i].width == 1]
+        if step == 3:
+            logp[together[greedy[0]].rows[0]] = -np.inf  # nothing allowed is possible: the search ends, unfinished
+        if step == 4:
+            logp[together[greedy[-1]].rows[0]] = np.nan   # a broken model's row: the same either way
+        got = advance_all([together[i] for i in live], logp)
+        assert got == [alone[i].advance(logp) for i in live]
+        for i in live:
+            a, b = together[i], alone[i]
+            assert (a.seqs, a.lps, a.src, a.done) == (b.seqs, b.lps, b.src, b.done)
+            assert a.scores.tolist() == b.scores.tolist()
+            assert [(h.tokens, h.score) for h in a.finished] == [(h.tokens, h.score) for h in b.finished]
+    assert all(s.done for s in together) and any(s.finished for s in together)
 
 
 def test_the_default_budget_is_every_position_the_prompt_leaves():
