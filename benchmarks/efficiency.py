@@ -111,6 +111,17 @@ class Engine:
         return len(loaded) / (t1 - t0), 1e3 * (c1 - c0) / len(loaded)
 
 
+def _against_all_at_once(engine: Engine, turn, pairs: int) -> tuple[list[float], list[float], float]:
+    """`pairs` alternating turns: the engine's round (all at once, unrecorded), then `turn()` (captions/s).
+    Returns the rounds' captions/s, the turns' and the median of each pair's ratio (turn / round): on a machine
+    whose speed drifts, each turn is weighed against its neighbour."""
+    rounds, turns = [], []
+    for _ in range(pairs):
+        rounds.append(engine.round(record=False))
+        turns.append(turn())
+    return rounds, turns, float(np.median(np.divide(turns, rounds)))
+
+
 def same_concurrency(engine: Engine, levels, pairs: int) -> list[dict]:
     """The engine at each level's concurrency: `pairs` alternating turns of a closed loop of that many clients
     (`Engine.closed_loop`) and of all at once; ratio: the median of each pair's (closed loop / all at once).
@@ -118,14 +129,16 @@ def same_concurrency(engine: Engine, levels, pairs: int) -> list[dict]:
     them, HTTP, images and pipes aside."""
     out = []
     for clients in levels:
-        closed, cpu_ms, all_at_once = [], [], []
-        for _ in range(pairs):
-            all_at_once.append(engine.round(record=False))
+        cpu_ms: list[float] = []
+
+        def closed(clients=clients, cpu_ms=cpu_ms) -> float:
             rate, ms = engine.closed_loop(clients)
-            closed.append(rate)
             cpu_ms.append(ms)
-        out.append({"clients": clients, "closed": closed, "cpu_ms": cpu_ms, "all_at_once": all_at_once,
-                    "ratio": float(np.median(np.divide(closed, all_at_once)))})
+            return rate
+
+        all_at_once, rates, ratio = _against_all_at_once(engine, closed, pairs)
+        out.append({"clients": clients, "closed": rates, "cpu_ms": cpu_ms, "all_at_once": all_at_once,
+                    "ratio": ratio})
     return out
 
 
@@ -142,19 +155,20 @@ def beside_busy_core(engine: Engine, images: list[bytes], size: int, pairs: int 
     """The engine's captions/s alone and beside a process decoding `images` without pause, `pairs` alternating
     turns of each; ratio: the median of each pair's (beside / alone)."""
     ctx = mp.get_context("spawn")
-    alone, beside = [], []
-    for _ in range(pairs):
-        alone.append(engine.round(record=False))
+
+    def beside() -> float:
         stop = ctx.Event()
         neighbour = ctx.Process(target=_decode_until, args=(stop, images, size), daemon=True)
         neighbour.start()
         try:
             time.sleep(1.0)  # started (imports) and decoding
-            beside.append(engine.round(record=False))
+            return engine.round(record=False)
         finally:
             stop.set()
             neighbour.join(10)
-    return {"alone": alone, "beside": beside, "ratio": float(np.median(np.divide(beside, alone)))}
+
+    alone, busy, ratio = _against_all_at_once(engine, beside, pairs)
+    return {"alone": alone, "beside": busy, "ratio": ratio}
 
 
 def _scene_png(seed: int) -> tuple[bytes, object]:
@@ -243,8 +257,8 @@ def server_levels(server, images: list[bytes], levels, window: float, warm_s: fl
     rows, offset, turns, meter = [], 0, [between()], CpuMeter(server)
 
     def decode_rows(before: tuple) -> float:
-        """The worker's mean rows per decode step since `before` (steps()): the requests inside it, against the
-        connections (the rest are in the front, or on the wire)."""
+        """The worker's mean rows per decode step since `before` (steps()), each step counted once however long
+        it took: below the requests the worker holds on average in time (README, issue 19)."""
         (s0, n0), (s1, n1) = before, steps()
         return (s1 - s0) / max(n1 - n0, 1)
 

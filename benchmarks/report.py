@@ -250,16 +250,18 @@ def plot(res: dict, path) -> None:
         ax[8].bar([i - 0.2 for i in x], engine, 0.4, color="tab:green", label="in-process engine, around each level")
         ax[8].bar([i + 0.2 for i in x], [r["throughput"] for r in rows], 0.4, color="tab:blue",
                   label=f"server ({e['generator'].split()[0]})")
-        ax[8].hlines([0.85 * v for v in engine], [i - 0.4 for i in x], [i + 0.4 for i in x], color="k", ls=":",
-                     label="goal: 85% of the engine")
+        def marks(shares, **style):  # a share of the engine around each level, as a line across its bars
+            ax[8].hlines([f * v for f, v in zip(shares, engine, strict=True)], [i - 0.4 for i in x],
+                         [i + 0.4 for i in x], **style)
+
+        marks([0.85] * len(rows), color="k", ls=":", label="goal: 85% of the engine")
         if "beside_busy_core" in e:
             ratio = e["beside_busy_core"]["ratio"]
-            ax[8].hlines([ratio * v for v in engine], [i - 0.4 for i in x], [i + 0.4 for i in x], color="tab:red",
-                         ls="--", label=f"the engine beside a busy core ({100 * ratio:.0f}%)")
+            marks([ratio] * len(rows), color="tab:red", ls="--",
+                  label=f"the engine beside a busy core ({100 * ratio:.0f}%)")
         if "same_concurrency" in e:
-            ax[8].hlines([s["ratio"] * v for s, v in zip(e["same_concurrency"], engine, strict=True)],
-                         [i - 0.4 for i in x], [i + 0.4 for i in x], color="tab:purple", ls="-.",
-                         label="the engine holding as many requests as connections")
+            marks([s["ratio"] for s in e["same_concurrency"]], color="tab:purple", ls="-.",
+                  label="the engine holding as many requests as connections")
         for i, r in enumerate(rows):
             ax[8].annotate(f"{100 * r['efficiency']:.0f}%", (x[i] + 0.2, r["throughput"]), ha="center",
                            va="bottom", fontsize=8)
